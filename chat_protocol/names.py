@@ -1,0 +1,33 @@
+"""Rules for nicks, rooms and client message ids.
+
+Nicks and rooms are ASCII on purpose: look-alike letters from other scripts would let
+one user pass for another, which unique nicks exist to prevent.
+"""
+
+import re
+
+from chat_protocol.limits import MAX_CID_CHARS, MAX_NICK_CHARS, MAX_ROOM_CHARS
+
+NICK_RE = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_-]{{0,{MAX_NICK_CHARS - 1}}}")
+ROOM_RE = re.compile(rf"[a-z0-9_][a-z0-9_-]{{0,{MAX_ROOM_CHARS - 1}}}")
+CID_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_CID_CHARS}}}")
+
+
+def is_valid_nick(nick: str) -> bool:
+    return NICK_RE.fullmatch(nick) is not None
+
+
+def nick_key(nick: str) -> str:
+    """The case-insensitive identity of a nick: ``Alice`` and ``alice`` are one user."""
+    return nick.lower()
+
+
+def normalize_room(room: str) -> str | None:
+    """Lower-case a room name and drop one leading ``#``; None if it is not valid."""
+    name = room[1:] if room.startswith("#") else room
+    name = name.lower()
+    return name if ROOM_RE.fullmatch(name) else None
+
+
+def is_valid_cid(cid: str) -> bool:
+    return CID_RE.fullmatch(cid) is not None

@@ -1,0 +1,1 @@
+"""compose-chat server: WebSocket chat with durable SQLite history."""

@@ -1,0 +1,40 @@
+"""``python -m chat_server`` / ``chat-server``: run until SIGTERM or SIGINT, then exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from chat_server.app import running_server
+from chat_server.config import ServerConfig, parse_config
+
+
+async def serve(config: ServerConfig) -> None:
+    async with running_server(config) as chat:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, chat.stop)
+        await chat.wait_stopped()
+        logging.getLogger("chat_server").info("stop requested")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_config(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        import uvloop  # optional: pip install 'compose-chat[speed]'
+    except ImportError:
+        asyncio.run(serve(config))
+    else:
+        uvloop.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

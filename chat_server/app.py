@@ -1,0 +1,166 @@
+"""The server: wires the store, the hub and sessions to a websockets server.
+
+Shape after the websockets examples: one handler per connection, ``/healthz`` answered in
+``process_request`` on the same port, and a shutdown that closes the listening socket,
+closes every client with 1001, waits for the handlers, then lets the writer commit what
+is queued before the database is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from chat_protocol import ErrorCode, encode
+from chat_protocol.limits import MAX_BODY_CHARS, MAX_FRAME_BYTES, MAX_ROOMS
+from chat_server.config import ServerConfig
+from chat_server.fanout import Hub, Member
+from chat_server.messages import Committed, Draft
+from chat_server.session import Context, Session
+from chat_server.store import Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+#: How long /healthz waits for its probe write before it answers 503.
+HEALTH_TIMEOUT = 3.0
+
+
+class ChatServer:
+    """The running server; also the store's commit listener."""
+
+    def __init__(self, config: ServerConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.hub = Hub(config.send_buffer_limit)
+        self.ctx = Context(config, store, self.hub, _announced_limits(config))
+        self.server: Server | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        sockets = list(self.server.sockets)
+        return int(sockets[0].getsockname()[1])
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (signal handlers call this); safe to call twice."""
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # --- websockets hooks ------------------------------------------------------------
+
+    async def handler(self, connection: ServerConnection) -> None:
+        await Session(self.ctx, connection).run()
+
+    async def process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        if request.path != "/healthz":
+            return None
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT):
+                await self.store.probe()
+        except (StoreUnavailable, TimeoutError) as exc:
+            detail = self.store.last_error or type(exc).__name__
+            text = f"database not writable: {detail}\n"
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, text)
+        return connection.respond(HTTPStatus.OK, "OK\n")
+
+    # --- CommitListener ----------------------------------------------------------------
+
+    def committed(self, results: Sequence[Committed]) -> None:
+        """Fan a committed batch out in id order, then acknowledge each sender."""
+        hub = self.hub
+        for result in results:
+            message = result.message
+            if result.fresh:
+                recipients: list[Member]
+                if message.room is not None:
+                    recipients = list(hub.room_members(message.room))
+                else:
+                    recipients = [
+                        member
+                        for key in dict.fromkeys((message.sender_key, message.recipient_key))
+                        if key is not None and (member := hub.online.get(key)) is not None
+                    ]
+                hub.publish(recipients, encode(message.frame()), message)
+            origin = result.draft.origin
+            if isinstance(origin, Session):
+                ack = {"type": "ack", "cid": message.cid, "id": message.id, "ts": message.ts}
+                origin.deliver(ack)
+
+    def failed(self, drafts: Sequence[Draft], error: Exception) -> None:
+        for draft in drafts:
+            if isinstance(draft.origin, Session):
+                draft.origin.error(
+                    ErrorCode.UNAVAILABLE,
+                    f"not stored, send it again later: {error}",
+                    cid=draft.cid,
+                )
+
+
+def _announced_limits(config: ServerConfig) -> dict[str, Any]:
+    return {
+        "max_frame_bytes": MAX_FRAME_BYTES,
+        "max_body_chars": MAX_BODY_CHARS,
+        "max_rooms": MAX_ROOMS,
+        "rate": config.rate,
+        "burst": config.burst,
+        "resume_cap": config.resume_cap,
+        "send_buffer_limit": config.send_buffer_limit,
+        "ping_interval": config.ping_interval,
+        "ping_timeout": config.ping_timeout,
+    }
+
+
+@asynccontextmanager
+async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
+    """Open the database and serve; on exit shut down gracefully in the documented order."""
+    store = await Store.open(
+        config.db,
+        synchronous=config.synchronous,
+        batch_max=config.batch_max,
+        queue_max=config.queue_max,
+    )
+    chat = ChatServer(config, store)
+    store.start(chat)
+    try:
+        async with serve(
+            chat.handler,
+            config.host,
+            config.port,
+            process_request=chat.process_request,
+            max_size=MAX_FRAME_BYTES,
+            compression=None,
+            ping_interval=config.ping_interval or None,
+            ping_timeout=config.ping_timeout or None,
+            close_timeout=config.close_timeout,
+        ) as server:
+            chat.server = server
+            log.info(
+                "listening on %s:%d, database %s (last id %d)",
+                config.host,
+                chat.port,
+                config.db,
+                store.last_id,
+            )
+            try:
+                yield chat
+            finally:
+                log.info("shutting down: closing connections with 1001")
+                server.close()
+                await server.wait_closed()
+                if chat.ctx.closing:
+                    await asyncio.gather(*chat.ctx.closing, return_exceptions=True)
+    finally:
+        await store.close()
+        log.info("database closed; last id %d", store.last_id)

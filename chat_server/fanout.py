@@ -1,0 +1,113 @@
+"""Fan-out: who is online, who is in which room, and writing one frame to many of them.
+
+A frame is encoded once and written to every recipient's socket synchronously with
+``websockets.broadcast``: no task per recipient and no await, so a message reaches all
+members of a room in the same event-loop step, in id order. Because broadcast has no
+backpressure, the hub checks each recipient's outgoing buffer after writing and drops a
+member whose buffer passed ``buffer_limit`` bytes: a stuck reader costs a bounded amount of
+memory and never delays anybody else.
+
+A member may be *holding*: while its session reads history or a replay from the store,
+frames for it are kept in order in ``member.hold`` and written after the catch-up, so
+nothing falls between the stored past and the live stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Protocol
+
+from websockets.asyncio.connection import broadcast
+from websockets.asyncio.server import ServerConnection
+
+from chat_protocol import CloseCode
+from chat_server.messages import StoredMessage
+
+log = logging.getLogger(__name__)
+
+#: A frame waiting in a hold: its bytes, and the stored message it carries, if any.
+Held = tuple[bytes, StoredMessage | None]
+
+
+class Member(Protocol):
+    connection: ServerConnection
+    nick: str
+    nick_key: str
+    hold: list[Held] | None
+
+    def kick(self, code: int, reason: str) -> None:
+        """Close the member's connection in the background."""
+
+
+class Hub:
+    def __init__(self, buffer_limit: int) -> None:
+        self.buffer_limit = buffer_limit
+        self.online: dict[str, Member] = {}
+        self.rooms: dict[str, dict[str, Member]] = {}
+
+    # --- membership ------------------------------------------------------------------
+
+    def add(self, member: Member) -> None:
+        self.online[member.nick_key] = member
+
+    def remove(self, member: Member) -> list[str]:
+        """Forget a member everywhere; returns the rooms it was in."""
+        if self.online.get(member.nick_key) is member:
+            del self.online[member.nick_key]
+        left = self.rooms_of(member)
+        for room in left:
+            self.leave(member, room)
+        return left
+
+    def join(self, member: Member, room: str) -> None:
+        self.rooms.setdefault(room, {})[member.nick_key] = member
+
+    def leave(self, member: Member, room: str) -> None:
+        members = self.rooms.get(room)
+        if members is not None and members.get(member.nick_key) is member:
+            del members[member.nick_key]
+            if not members:
+                del self.rooms[room]
+
+    def members(self, room: str) -> list[str]:
+        return sorted((m.nick for m in self.rooms.get(room, {}).values()), key=str.lower)
+
+    def member_counts(self) -> dict[str, int]:
+        return {room: len(members) for room, members in self.rooms.items()}
+
+    def rooms_of(self, member: Member) -> list[str]:
+        key = member.nick_key
+        return [room for room, members in self.rooms.items() if members.get(key) is member]
+
+    # --- delivery --------------------------------------------------------------------
+
+    def room_members(self, room: str) -> Iterable[Member]:
+        return self.rooms.get(room, {}).values()
+
+    def publish(
+        self, recipients: Iterable[Member], data: bytes, message: StoredMessage | None = None
+    ) -> None:
+        """Write one encoded frame to every recipient (or to its hold)."""
+        targets = list(recipients)
+        broadcast(
+            [m.connection for m in targets if m.hold is None],
+            data,
+            text=True,
+        )
+        for member in targets:
+            if member.hold is not None:
+                member.hold.append((data, message))
+            self.check(member)
+
+    def check(self, member: Member) -> None:
+        """Drop a member whose unsent data passed the limit."""
+        held = sum(len(data) for data, _ in member.hold) if member.hold else 0
+        transport = member.connection.transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size() + held > self.buffer_limit:
+            self.remove(member)
+            member.kick(
+                CloseCode.POLICY, f"too slow: over {self.buffer_limit} bytes waiting to be sent"
+            )

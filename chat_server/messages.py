@@ -1,0 +1,77 @@
+"""The server's record types: a message on its way to the store, and a stored one."""
+
+from dataclasses import dataclass
+from typing import Any
+
+from chat_protocol.frames import Frame
+
+
+def channel_of(room: str | None, sender_key: str, recipient_key: str | None) -> str:
+    """The conversation a message belongs to: ``#room``, or ``@a@b`` for two nicks' DMs.
+
+    Nicks cannot contain ``#`` or ``@``, so the two kinds never collide.
+    """
+    if room is not None:
+        return "#" + room
+    assert recipient_key is not None
+    low, high = sorted((sender_key, recipient_key))
+    return f"@{low}@{high}"
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A message accepted from a client and waiting for its commit.
+
+    ``origin`` is the session that sent it, opaque to the store, so the server can
+    acknowledge the sender once the row is durable.
+    """
+
+    sender_key: str
+    sender: str
+    room: str | None
+    recipient_key: str | None
+    recipient: str | None
+    action: bool
+    body: str
+    cid: str
+    origin: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    id: int
+    ts: int  # milliseconds since the Unix epoch, server clock
+    room: str | None
+    sender_key: str
+    sender: str
+    recipient_key: str | None
+    recipient: str | None
+    action: bool
+    body: str
+    cid: str
+
+    def frame(self) -> Frame:
+        """The ``msg`` frame every recipient gets, the same bytes for all of them."""
+        frame: Frame = {"type": "msg", "id": self.id, "ts": self.ts}
+        if self.room is not None:
+            frame["room"] = self.room
+        else:
+            frame["to"] = self.recipient
+        frame["from"] = self.sender
+        frame["body"] = self.body
+        frame["action"] = self.action
+        frame["cid"] = self.cid
+        return frame
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """The outcome of one draft: the row it became, and whether this draft wrote it.
+
+    ``fresh`` is False for a retry whose client message id was already stored: nothing
+    new was written and the original row is returned.
+    """
+
+    draft: Draft
+    message: StoredMessage
+    fresh: bool

@@ -1,0 +1,429 @@
+"""One client connection: the protocol state machine from ``hello`` to close.
+
+The session reads frames one at a time and answers each before reading the next, so its
+own replies keep the order of the requests. Messages go to the store's writer queue and
+are acknowledged by the server when their batch commits, not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.connection import broadcast
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from chat_protocol import PROTOCOL_VERSION, CloseCode, ErrorCode, ProtocolError, decode, encode
+from chat_protocol.frames import (
+    Frame,
+    Hello,
+    History,
+    Join,
+    Leave,
+    Nick,
+    Rooms,
+    Send,
+    Who,
+    parse_client_frame,
+    ref_of,
+)
+from chat_protocol.limits import HISTORY_DEFAULT, MAX_ROOMS
+from chat_protocol.names import nick_key
+from chat_server.config import ServerConfig
+from chat_server.fanout import Held, Hub
+from chat_server.messages import Draft, StoredMessage, channel_of
+from chat_server.ratelimit import TokenBucket
+from chat_server.store import Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+#: Decides whether a held message was already sent by the catch-up that held it.
+Covered = Callable[[StoredMessage], bool]
+
+
+@dataclass
+class Context:
+    """What every session shares: settings, the store, the hub, background closes."""
+
+    config: ServerConfig
+    store: Store
+    hub: Hub
+    limits: dict[str, Any]
+    closing: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def close_later(self, connection: ServerConnection, code: int, reason: str) -> None:
+        task = asyncio.create_task(connection.close(code, reason))
+        self.closing.add(task)
+        task.add_done_callback(self.closing.discard)
+
+
+class Session:
+    def __init__(self, ctx: Context, connection: ServerConnection) -> None:
+        self.ctx = ctx
+        self.connection = connection
+        self.nick = ""
+        self.nick_key = ""
+        self.hold: list[Held] | None = None
+        self.bucket = TokenBucket(ctx.config.rate, ctx.config.burst)
+        self.strikes = 0
+        self.closed_reason: str | None = None
+        self._handlers: dict[type, Callable[[Any, str | None], Awaitable[None]]] = {
+            Send: self._send,
+            Join: self._join,
+            Leave: self._leave,
+            Nick: self._nick,
+            Who: self._who,
+            Rooms: self._rooms,
+            History: self._history,
+        }
+
+    @property
+    def rooms(self) -> list[str]:
+        return self.ctx.hub.rooms_of(self)
+
+    # --- writing -----------------------------------------------------------------------
+
+    def write(self, frame: Frame) -> None:
+        """Write a frame now, past any hold: replies and the catch-up itself."""
+        broadcast([self.connection], encode(frame), text=True)
+        self.ctx.hub.check(self)
+
+    def deliver(self, frame: Frame) -> None:
+        """Write a frame in turn with live traffic: held while a catch-up runs."""
+        self.ctx.hub.publish([self], encode(frame))
+
+    def error(self, code: ErrorCode, message: str, ref: str | None = None, **extra: Any) -> None:
+        frame: Frame = {"type": "error", "code": code.value, "message": message}
+        if ref is not None:
+            frame["ref"] = ref
+        frame.update(extra)
+        self.deliver(frame)
+
+    def kick(self, code: int, reason: str) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+            log.warning("closing %s (%s): %s", self.nick or "?", self.remote, reason)
+        self.ctx.close_later(self.connection, code, reason)
+
+    @property
+    def remote(self) -> str:
+        address = self.connection.remote_address
+        return f"{address[0]}:{address[1]}" if address else "?"
+
+    # --- the connection's life -----------------------------------------------------------
+
+    async def run(self) -> None:
+        log.info("connection from %s", self.remote)
+        try:
+            if await self._await_hello():
+                await self._serve()
+        except ConnectionClosed:
+            pass
+        finally:
+            self._depart()
+            log.info(
+                "%s (%s) disconnected: code %s %s",
+                self.nick or "?",
+                self.remote,
+                self.connection.close_code,
+                self.closed_reason or self.connection.close_reason or "",
+            )
+
+    async def _frames(self) -> Any:
+        """Each inbound frame parsed, with rate limiting; errors are answered here."""
+        async for data in self.connection:
+            if not self.bucket.take():
+                self.strikes += 1
+                if self.strikes >= self.ctx.config.flood_strikes:
+                    self.kick(CloseCode.POLICY, "flooding: too many frames over the rate limit")
+                    return
+                self.error(ErrorCode.RATE_LIMITED, "too many frames; slow down")
+                continue
+            self.strikes = 0
+            raw: Frame | None = None
+            try:
+                raw = decode(data)
+                yield parse_client_frame(raw), ref_of(raw)
+            except ProtocolError as exc:
+                self.error(exc.code, exc.message, ref_of(raw) if raw else None)
+
+    async def _await_hello(self) -> bool:
+        frames = self._frames()
+        try:
+            async with asyncio.timeout(self.ctx.config.hello_timeout):
+                async for frame, ref in frames:
+                    if not isinstance(frame, Hello):
+                        self.error(ErrorCode.HELLO_FIRST, "the first frame must be hello", ref)
+                    elif await self._hello(frame, ref):
+                        return True
+        except TimeoutError:
+            self.kick(CloseCode.POLICY, "no hello in time")
+        return False
+
+    async def _serve(self) -> None:
+        async for frame, ref in self._frames():
+            if isinstance(frame, Hello):
+                self.error(ErrorCode.ALREADY_HELLO, "hello was already accepted", ref)
+                continue
+            try:
+                await self._handlers[type(frame)](frame, ref)
+            except StoreUnavailable as exc:
+                self.error(ErrorCode.UNAVAILABLE, f"the database is unavailable: {exc}", ref)
+
+    def _depart(self) -> None:
+        hub = self.ctx.hub
+        if not self.nick_key or hub.online.get(self.nick_key) is not self:
+            return
+        rooms = hub.remove(self)
+        for room in rooms:
+            self._presence(room, {"event": "leave", "room": room, "nick": self.nick})
+
+    def _presence(self, room: str, event: Frame) -> None:
+        """Tell a room's other members that something happened to this session."""
+        others = [m for m in self.ctx.hub.room_members(room) if m is not self]
+        self.ctx.hub.publish(others, encode({"type": "presence", **event}))
+
+    # --- claiming a nick -------------------------------------------------------------------
+
+    async def _claim(
+        self, nick: str, secret: str | None, ref: str | None
+    ) -> tuple[str, str | None] | None:
+        """Claim a nick; on success (registered spelling, new secret or None)."""
+        key = nick_key(nick)
+        try:
+            claim = await self.ctx.store.claim_nick(nick, key, secret)
+        except StoreUnavailable as exc:
+            self.error(ErrorCode.UNAVAILABLE, f"the database is unavailable: {exc}", ref)
+            return None
+        if not claim.granted:
+            self.error(
+                ErrorCode.NICK_TAKEN,
+                f"the nick {claim.nick!r} is registered; claiming it needs its secret",
+                ref,
+            )
+            return None
+        holder = self.ctx.hub.online.get(key)
+        if holder is not None and holder is not self:
+            # The secret proves it is the same person: the newer connection wins.
+            holder.kick(CloseCode.REPLACED, "replaced: this nick connected again elsewhere")
+            self.ctx.hub.remove(holder)
+        return claim.nick, claim.new_secret
+
+    async def _hello(self, hello: Hello, ref: str | None) -> bool:
+        claimed = await self._claim(hello.nick, hello.secret, ref)
+        if claimed is None:
+            return False
+        self.nick, secret = claimed
+        self.nick_key = nick_key(self.nick)
+        await self.ctx.store.ensure_rooms(hello.rooms)
+        hub = self.ctx.hub
+        self.hold = []
+        hub.add(self)
+        for room in hello.rooms:
+            hub.join(self, room)
+        welcome: Frame = {
+            "type": "welcome",
+            "protocol": PROTOCOL_VERSION,
+            "nick": self.nick,
+            "limits": self.ctx.limits,
+        }
+        if secret is not None:
+            welcome["secret"] = secret
+        if ref is not None:
+            welcome["ref"] = ref
+        self.write(welcome)
+        for room in hello.rooms:
+            self.write({"type": "joined", "room": room, "members": hub.members(room)})
+            self._presence(room, {"event": "join", "room": room, "nick": self.nick})
+        log.info("%s (%s) joined %s", self.nick, self.remote, ", ".join(hello.rooms))
+        covered: Covered = _nothing
+        try:
+            if hello.resume is not None:
+                covered = await self._replay(hello.resume, hello.rooms)
+            else:
+                covered = await self._recent(hello.rooms, hello.history)
+            self.write({"type": "synced"})
+        finally:
+            self._release(covered)
+        return True
+
+    async def _replay(self, after: int, rooms: Sequence[str]) -> Covered:
+        messages, truncated = await self.ctx.store.replay(
+            after, rooms, self.nick_key, self.ctx.config.resume_cap
+        )
+        if truncated:
+            self.write({"type": "gap", "after": after, "before": messages[0].id})
+        for message in messages:
+            self.write(message.frame())
+        high = max(after, messages[-1].id if messages else 0)
+        return lambda message: message.id <= high
+
+    async def _recent(self, rooms: Sequence[str], limit: int) -> Covered:
+        newest: dict[str, int] = {}
+        store = self.ctx.store
+        if limit == 0:
+            return _nothing
+        for room in rooms:
+            messages, more = await store.room_history(room, None, limit)
+            history = {"type": "history", "room": room, "messages": _frames(messages)}
+            self.write({**history, "more": more})
+            newest[channel_of(room, "", None)] = messages[-1].id if messages else 0
+        dms, more = await store.recent_dms(self.nick_key, limit)
+        self.write({"type": "history", "direct": True, "messages": _frames(dms), "more": more})
+        newest_dm = dms[-1].id if dms else 0
+
+        def covered(message: StoredMessage) -> bool:
+            if message.room is None:
+                return message.id <= newest_dm
+            channel = channel_of(message.room, "", None)
+            return message.id <= newest.get(channel, 0)
+
+        return covered
+
+    def _release(self, covered: Covered) -> None:
+        """End a hold: write what live traffic came in, minus what the catch-up sent."""
+        held, self.hold = self.hold or [], None
+        data = [frame for frame, message in held if message is None or not covered(message)]
+        for frame in data:
+            broadcast([self.connection], frame, text=True)
+        self.ctx.hub.check(self)
+
+    # --- requests --------------------------------------------------------------------------
+
+    async def _send(self, send: Send, ref: str | None) -> None:
+        recipient_key = recipient = None
+        if send.room is not None:
+            if self.ctx.hub.rooms.get(send.room, {}).get(self.nick_key) is not self:
+                message = f"join #{send.room} before sending to it"
+                self.error(ErrorCode.NOT_IN_ROOM, message, ref, cid=send.cid)
+                return
+        else:
+            assert send.to is not None
+            recipient_key = nick_key(send.to)
+            online = self.ctx.hub.online.get(recipient_key)
+            if online is not None:
+                recipient = online.nick
+            else:
+                recipient = await self.ctx.store.registered_nick(recipient_key)
+            if recipient is None:
+                message = f"nobody has the nick {send.to!r}"
+                self.error(ErrorCode.NO_SUCH_NICK, message, ref, cid=send.cid)
+                return
+        await self.ctx.store.submit(
+            Draft(
+                sender_key=self.nick_key,
+                sender=self.nick,
+                room=send.room,
+                recipient_key=recipient_key,
+                recipient=recipient,
+                action=send.action,
+                body=send.body,
+                cid=send.cid,
+                origin=self,
+            )
+        )
+
+    async def _join(self, join: Join, ref: str | None) -> None:
+        hub = self.ctx.hub
+        already = hub.rooms.get(join.room, {}).get(self.nick_key) is self
+        if not already and len(self.rooms) >= MAX_ROOMS:
+            self.error(ErrorCode.TOO_MANY_ROOMS, f"at most {MAX_ROOMS} rooms at once", ref)
+            return
+        await self.ctx.store.ensure_rooms([join.room])
+        self.hold = []
+        covered: Covered = _nothing
+        try:
+            hub.join(self, join.room)
+            joined = {"type": "joined", "room": join.room, "members": hub.members(join.room)}
+            self.write(_with_ref(joined, ref))
+            if not already:
+                self._presence(join.room, {"event": "join", "room": join.room, "nick": self.nick})
+            messages, more = await self.ctx.store.room_history(join.room, None, HISTORY_DEFAULT)
+            history = {"type": "history", "room": join.room, "messages": _frames(messages)}
+            self.write({**history, "more": more})
+            newest = messages[-1].id if messages else 0
+            covered = lambda m: m.room == join.room and m.id <= newest  # noqa: E731
+        finally:
+            self._release(covered)
+
+    async def _leave(self, leave: Leave, ref: str | None) -> None:
+        hub = self.ctx.hub
+        if hub.rooms.get(leave.room, {}).get(self.nick_key) is not self:
+            self.error(ErrorCode.NOT_IN_ROOM, f"you are not in #{leave.room}", ref)
+            return
+        hub.leave(self, leave.room)
+        self.deliver(_with_ref({"type": "left", "room": leave.room}, ref))
+        self._presence(leave.room, {"event": "leave", "room": leave.room, "nick": self.nick})
+
+    async def _nick(self, request: Nick, ref: str | None) -> None:
+        old, old_key = self.nick, self.nick_key
+        claimed = await self._claim(request.nick, request.secret, ref)
+        if claimed is None:
+            return
+        hub = self.ctx.hub
+        rooms = self.rooms
+        hub.remove(self)
+        self.nick, secret = claimed
+        self.nick_key = nick_key(self.nick)
+        hub.add(self)
+        for room in rooms:
+            hub.join(self, room)
+        reply: Frame = {"type": "renamed", "old": old, "nick": self.nick}
+        if secret is not None:
+            reply["secret"] = secret
+        self.deliver(_with_ref(reply, ref))
+        if old_key != self.nick_key or old != self.nick:
+            for room in rooms:
+                event = {"event": "rename", "room": room, "old": old, "nick": self.nick}
+                self._presence(room, event)
+        log.info("%s (%s) is now %s", old, self.remote, self.nick)
+
+    async def _who(self, who: Who, ref: str | None) -> None:
+        hub = self.ctx.hub
+        if who.room is None:
+            nicks = sorted((m.nick for m in hub.online.values()), key=str.lower)
+            self.deliver(_with_ref({"type": "members", "nicks": nicks}, ref))
+        else:
+            nicks = hub.members(who.room)
+            self.deliver(_with_ref({"type": "members", "room": who.room, "nicks": nicks}, ref))
+
+    async def _rooms(self, _: Rooms, ref: str | None) -> None:
+        counts = self.ctx.hub.member_counts()
+        names = sorted(set(await self.ctx.store.room_names()) | set(counts))
+        rooms = [{"name": name, "members": counts.get(name, 0)} for name in names]
+        self.deliver(_with_ref({"type": "rooms", "rooms": rooms}, ref))
+
+    async def _history(self, request: History, ref: str | None) -> None:
+        store = self.ctx.store
+        reply: Frame = {"type": "history"}
+        if request.room is not None:
+            messages, more = await store.room_history(request.room, request.before, request.limit)
+            reply["room"] = request.room
+        else:
+            assert request.with_nick is not None
+            other = nick_key(request.with_nick)
+            messages, more = await store.dm_history(
+                self.nick_key, other, request.before, request.limit
+            )
+            reply["with"] = request.with_nick
+        reply["messages"] = _frames(messages)
+        reply["more"] = more
+        self.deliver(_with_ref(reply, ref))
+
+
+def _nothing(message: StoredMessage) -> bool:
+    return False
+
+
+def _frames(messages: Sequence[StoredMessage]) -> list[Frame]:
+    return [message.frame() for message in messages]
+
+
+def _with_ref(frame: Frame, ref: str | None) -> Frame:
+    if ref is not None:
+        frame["ref"] = ref
+    return frame
