@@ -71,6 +71,7 @@ class Session:
         self.bucket = TokenBucket(ctx.config.rate, ctx.config.burst)
         self.strikes = 0
         self.closed_reason: str | None = None
+        self.close_code = 1000
         self._handlers: dict[type, Callable[[Any, str | None], Awaitable[None]]] = {
             Send: self._send,
             Join: self._join,
@@ -105,7 +106,7 @@ class Session:
 
     def kick(self, code: int, reason: str) -> None:
         if self.closed_reason is None:
-            self.closed_reason = reason
+            self.closed_reason, self.close_code = reason, code
             log.warning("closing %s (%s): %s", self.nick or "?", self.remote, reason)
         self.ctx.close_later(self.connection, code, reason)
 
@@ -125,6 +126,9 @@ class Session:
             pass
         finally:
             self._depart()
+            if self.closed_reason is not None:
+                # Close here too: returning first would let websockets close with 1000.
+                await self.connection.close(self.close_code, self.closed_reason)
             log.info(
                 "%s (%s) disconnected: code %s %s",
                 self.nick or "?",

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from chat_server.app import ChatServer, running_server
 from chat_server.config import ServerConfig
@@ -66,15 +67,27 @@ class Peer:
             if frame["type"] == kind:
                 return frames
 
-    async def say(self, body: str, room: str = "lobby", cid: str | None = None) -> Frame:
-        """Send to a room and wait for the ack."""
+    async def say(
+        self, body: str, room: str = "lobby", cid: str | None = None, to: str | None = None
+    ) -> Frame:
+        """Send to a room (or a nick) and wait for the ack."""
         cid = cid or uuid.uuid4().hex
-        await self.send({"type": "send", "cid": cid, "room": room, "body": body})
+        target = {"to": to} if to else {"room": room}
+        await self.send({"type": "send", "cid": cid, "body": body, **target})
         while True:
             frame = await self.recv()
             if frame["type"] == "ack" and frame["cid"] == cid:
                 return frame
             assert frame["type"] != "error", frame
+
+    async def closed(self, timeout: float = 5.0) -> int:
+        """Read until the server closes; the close code it sent."""
+        try:
+            while True:
+                await self.recv(timeout)
+        except ConnectionClosed as closed:
+            assert closed.rcvd is not None, "closed without a close frame"
+            return closed.rcvd.code
 
     async def quiet(self, seconds: float = 0.3) -> list[Frame]:
         """Whatever arrives within a short time (for asserting that nothing does)."""

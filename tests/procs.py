@@ -1,0 +1,66 @@
+"""Run the real server as a subprocess, the way users and containers run it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
+
+
+class ServerProcess:
+    def __init__(self, db: Path, *args: str, port: int = 0) -> None:
+        self.db = db
+        self.args = args
+        self.port = port
+        self.proc: subprocess.Popen[str] | None = None
+        self.log: list[str] = []
+
+    def start(self, timeout: float = 15.0) -> ServerProcess:
+        cmd = [sys.executable, "-m", "chat_server", "--port", str(self.port), "--db", str(self.db)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([*cmd, *self.args], stderr=subprocess.PIPE, text=True, env=env)
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.log.append(line)
+            match = LISTENING.search(line)
+            if match:
+                self.port = int(match.group(1))  # keep it across restarts
+                # Keep draining stderr so a chatty server never blocks on a full pipe.
+                threading.Thread(target=self._drain, daemon=True).start()
+                return self
+        raise RuntimeError("server did not start:\n" + "".join(self.log))
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

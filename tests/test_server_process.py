@@ -1,0 +1,87 @@
+"""The server as a real process: SIGTERM shutdown and kill -9 durability."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from tests.helpers import peer
+from tests.procs import ServerProcess
+
+
+@pytest.fixture
+def proc(db: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(db, "--rate", "10000", "--burst", "10000").start()
+    yield server
+    server.stop()
+
+
+async def test_sigterm_closes_clients_with_1001_and_exits_0(proc: ServerProcess, db: Path) -> None:
+    async with peer(proc.url, "alice") as alice, peer(proc.url, "bob") as bob:
+        await alice.say("before shutdown")
+        started = time.monotonic()
+        code = await asyncio.to_thread(proc.terminate)
+        elapsed = time.monotonic() - started
+        assert code == 0
+        assert elapsed < 5, f"took {elapsed:.1f}s, Docker allows 10"
+        assert await alice.closed() == 1001
+        assert await bob.closed() == 1001
+    log = "".join(proc.log)
+    assert "database closed" in log
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert conn.execute("SELECT body FROM messages").fetchall() == [("before shutdown",)]
+
+
+async def test_kill_9_mid_burst_loses_no_acknowledged_message(
+    proc: ServerProcess, db: Path
+) -> None:
+    acked: dict[str, int] = {}
+    secrets: dict[str, str] = {}
+
+    async def blast(name: str) -> None:
+        try:
+            async with peer(proc.url, name) as p:
+                secrets[name] = p.welcome["secret"]
+                for n in range(100_000):
+                    cid = f"{name}-{n}"
+                    await p.send({"type": "send", "cid": cid, "room": "lobby", "body": cid})
+                    if n % 20 == 0:  # read what came in, recording acks
+                        for frame in await p.quiet(0.001):
+                            if frame["type"] == "ack":
+                                acked[frame["cid"]] = frame["id"]
+        except (ConnectionClosed, OSError):
+            pass
+
+    tasks = [asyncio.create_task(blast(f"n{i}")) for i in range(4)]
+    while len(acked) < 500:
+        await asyncio.sleep(0.01)
+    proc.kill()  # SIGKILL: no shutdown, no flush
+    await asyncio.gather(*tasks)
+    assert len(acked) >= 500
+    proc.start()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        stored = dict(conn.execute("SELECT cid, id FROM messages").fetchall())
+        dupes = conn.execute("SELECT COUNT(*) - COUNT(DISTINCT cid) FROM messages").fetchone()
+    assert dupes == (0,)
+    missing = [cid for cid, msg_id in acked.items() if stored.get(cid) != msg_id]
+    assert missing == []
+    # A client resuming from nothing gets every stored message once, in order: the
+    # newest up to the cap, then the rest by paging back from the gap.
+    async with peer(proc.url, "n1", secret=secrets["n1"], resume=0) as p:
+        ids = [f["id"] for f in p.catchup if f["type"] == "msg"]
+        gaps = [f for f in p.catchup if f["type"] == "gap"]
+        before = gaps[0]["before"] if gaps else None
+        while before is not None:
+            await p.send({"type": "history", "room": "lobby", "before": before, "limit": 200})
+            page = await p.expect("history")
+            ids = [m["id"] for m in page["messages"]] + ids
+            before = page["messages"][0]["id"] if page["more"] else None
+    assert ids == sorted(stored.values())
