@@ -42,7 +42,8 @@ async def test_hello_welcome_secret_lobby_and_history(db: Path) -> None:
 
 async def test_live_history_and_id_order_agree_for_every_client(db: Path) -> None:
     async with (
-        server(db) as chat, peer(chat, "a") as a,
+        server(db) as chat,
+        peer(chat, "a") as a,
         peer(chat, "b") as b,
         peer(chat, "c") as c,
         peer(chat, "watcher") as w,
