@@ -1,0 +1,73 @@
+"""A real pseudo-terminal running the real client, read back through a VT100 emulator.
+
+pexpect gives the pty; pyte interprets what the client wrote, so tests assert on the
+screen a person would see, and on the raw bytes that reached the terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+from collections.abc import Callable
+
+import pexpect
+import pyte
+
+ROWS, COLS = 24, 100
+
+
+class Terminal:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.screen = pyte.Screen(COLS, ROWS)
+        self.stream = pyte.ByteStream(self.screen)
+        self.raw = bytearray()
+        self.lock = threading.Lock()
+        self.child = pexpect.spawn(
+            sys.executable,
+            ["-m", "chat_client", *args],
+            env={**os.environ, "TERM": "xterm-256color", **(env or {})},
+            dimensions=(ROWS, COLS),
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.child.read_nonblocking(65536, timeout=0.1)
+            except pexpect.TIMEOUT:
+                continue
+            except pexpect.EOF:
+                return
+            with self.lock:
+                self.raw += data
+                self.stream.feed(data)
+
+    def lines(self) -> list[str]:
+        with self.lock:
+            return [line.rstrip() for line in self.screen.display]
+
+    def text(self) -> str:
+        return "\n".join(self.lines())
+
+    def type(self, text: str) -> None:
+        self.child.send(text)
+
+    async def wait_for(self, check: Callable[[str], bool], timeout: float = 10.0) -> str:
+        try:
+            async with asyncio.timeout(timeout):
+                while not check(self.text()):
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise AssertionError("screen never matched:\n" + self.text()) from None
+        return self.text()
+
+    def close(self) -> None:
+        if self.child.isalive():
+            self.child.sendcontrol("c")
+            try:
+                self.child.expect(pexpect.EOF, timeout=5)
+            except pexpect.TIMEOUT:
+                self.child.terminate(force=True)

@@ -1,0 +1,67 @@
+"""The real client in a real pseudo-terminal, against a real server process."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from tests.helpers import peer
+from tests.procs import ServerProcess
+from tests.terminal import Terminal
+
+HOSTILE = "evil \x1b]0;pwned\x07\x1b]52;c;aGVsbG8=\x07\x1b[2J\x1b[1;1H\x9b31m\r\x08end"
+
+
+async def test_screen_shows_messages_keeps_typing_blocks_escapes_and_survives_restart(
+    db: Path, tmp_path: Path
+) -> None:
+    proc = ServerProcess(db).start()
+    term = Terminal(
+        ["--url", proc.url, "--nick", "alice", "--state-dir", str(tmp_path / "state"),
+         "--mode", "tui", "--ping-interval", "2", "--ping-timeout", "2"]
+    )
+    try:
+        await term.wait_for(lambda s: "connected" in s)
+        async with peer(proc.url, "bob") as bob:
+            bob_secret = bob.welcome["secret"]
+            await bob.say("first from bob")
+            await term.wait_for(lambda s: "<bob> first from bob" in s)
+
+            # Half a line typed; a message arrives; the line being typed is intact.
+            term.type("half typed")
+            await term.wait_for(lambda s: "[#lobby] half typed" in s)
+            await bob.say("second from bob")
+            screen = await term.wait_for(lambda s: "second from bob" in s)
+            assert "[#lobby] half typed" in screen.splitlines()[-1]
+
+            # A hostile message is shown as text; no sequence reaches the terminal.
+            await bob.say(HOSTILE)
+            screen = await term.wait_for(lambda s: "<bob> evil end" in s)
+            assert b"pwned" not in term.raw
+            assert b"52;c;" not in term.raw
+            assert b"\x9b" not in term.raw
+            assert "first from bob" in screen  # the screen was not cleared
+
+            term.type(" done\r")
+            got = await bob.expect("msg")
+            assert got["body"] == "half typed done"
+
+        # Kill the server outright; type while it is down; bring it back.
+        proc.kill()
+        await term.wait_for(lambda s: "reconnecting" in s)
+        term.type("while down\r")
+        await term.wait_for(lambda s: "while down  (sending…)" in s)
+        proc.start()
+        await term.wait_for(lambda s: "| connected" in s, timeout=40)
+        async with peer(proc.url, "bob", secret=bob_secret) as bob:
+            await bob.say("after restart")
+        screen = await term.wait_for(lambda s: "after restart" in s)
+        await asyncio.sleep(0.5)
+        screen = term.text()
+        for line in ("first from bob", "second from bob", "half typed done", "while down",
+                     "after restart", "evil end"):
+            assert screen.count(line) == 1, f"{line!r} not exactly once:\n{screen}"
+        assert "sending…" not in screen
+    finally:
+        term.close()
+        proc.stop()
