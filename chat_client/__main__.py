@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sys
 import threading
 from collections.abc import Sequence
@@ -80,6 +81,10 @@ class ChatClient:
         return self.config.mode == "auto" and self.stdin.isatty() and self.stdout.isatty()
 
     async def run(self) -> None:
+        # In a container the client is PID 1, which gets no default SIGTERM action.
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(signum, self._quit)
         connection = asyncio.create_task(self.connection.run())
         bot = asyncio.create_task(self.bot.run()) if self.bot else None
         try:
@@ -87,9 +92,10 @@ class ChatClient:
                 await self._run_ui()
             else:
                 switch = await self._run_lines()
-                if switch:
+                if switch:  # a person took over this demo client
                     if bot is not None:
                         bot.cancel()
+                    self.bot = None
                     await self._run_ui()
         finally:
             if bot is not None:

@@ -130,3 +130,18 @@ def test_untrusted_text_reaches_fragments_clean() -> None:
 )
 def test_parse(line: str, expected: object) -> None:
     assert parse(line) == expected
+
+
+def test_secret_store_keeps_secrets_per_server_and_nick(tmp_path: Any) -> None:
+    from chat_client.secrets import SecretStore
+
+    store = SecretStore(tmp_path)
+    assert store.get("ws://a:1", "Alice") is None
+    store.put("ws://a:1", "Alice", "s1")
+    SecretStore(tmp_path).put("ws://a:1", "bob", "s2")
+    store.put("ws://b:2", "alice", "s3")
+    assert store.get("ws://a:1", "ALICE") == "s1"
+    assert store.get("ws://a:1", "bob") == "s2"
+    assert store.get("ws://b:2", "alice") == "s3"
+    path = tmp_path / "secrets" / "ws%3A%2F%2Fa%3A1" / "alice"
+    assert path.stat().st_mode & 0o777 == 0o600

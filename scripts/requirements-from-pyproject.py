@@ -1,0 +1,14 @@
+"""Print the dependencies of the named extras of pyproject.toml, one per line.
+
+The Dockerfiles install dependencies from this list before copying the source, so a
+code change rebuilds only the last layers.
+"""
+
+import sys
+import tomllib
+
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+wanted = list(project["dependencies"])
+for extra in sys.argv[1:]:
+    wanted += project["optional-dependencies"][extra]
+print("\n".join(wanted))
