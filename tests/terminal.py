@@ -19,14 +19,17 @@ ROWS, COLS = 24, 100
 
 
 class Terminal:
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, command: list[str] | None = None
+    ) -> None:
         self.screen = pyte.Screen(COLS, ROWS)
         self.stream = pyte.ByteStream(self.screen)
         self.raw = bytearray()
         self.lock = threading.Lock()
+        command = command or [sys.executable, "-m", "chat_client", *args]
         self.child = pexpect.spawn(
-            sys.executable,
-            ["-m", "chat_client", *args],
+            command[0],
+            command[1:],
             env={**os.environ, "TERM": "xterm-256color", **(env or {})},
             dimensions=(ROWS, COLS),
         )
