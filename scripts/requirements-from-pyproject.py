@@ -7,7 +7,8 @@ code change rebuilds only the last layers.
 import sys
 import tomllib
 
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+with open("pyproject.toml", "rb") as file:
+    project = tomllib.load(file)["project"]
 wanted = list(project["dependencies"])
 for extra in sys.argv[1:]:
     wanted += project["optional-dependencies"][extra]

@@ -14,16 +14,29 @@ from tests.procs import ServerProcess
 
 
 def client(url: str, nick: str, state: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "chat_client", "--url", url, "--nick", nick,
-            "--state-dir", str(state), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "chat_client",
+        "--url",
+        url,
+        "--nick",
+        nick,
+        "--state-dir",
+        str(state),
+        *extra,
+    ]
 
 
 def test_echo_into_a_pipe_posts_and_exits(db: Path, tmp_path: Path) -> None:
     proc = ServerProcess(db).start()
     try:
         done = subprocess.run(
-            client(proc.url, "bot", tmp_path), input="hi from a pipe\n/me waves\n",
-            capture_output=True, text=True, timeout=30,
+            client(proc.url, "bot", tmp_path),
+            input="hi from a pipe\n/me waves\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert done.returncode == 0, done.stderr
         assert "#lobby <bot> hi from a pipe" in done.stdout
@@ -58,7 +71,9 @@ async def test_line_mode_reconnects_and_prints_each_message_once(db: Path, tmp_p
     proc = ServerProcess(db).start()
     popen = subprocess.Popen(
         client(proc.url, "liner", tmp_path, "--ping-interval", "1", "--ping-timeout", "1"),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     out = Lines(popen)
     assert popen.stdin is not None
@@ -82,8 +97,12 @@ async def test_line_mode_reconnects_and_prints_each_message_once(db: Path, tmp_p
         popen.stdin.write("/quit\n")
         popen.stdin.flush()
         assert await asyncio.to_thread(popen.wait, 10) == 0
-        for text in ("<bob> before the crash", "<liner> hello from liner",
-                     "<liner> typed while down", "<bob> after the crash"):
+        for text in (
+            "<bob> before the crash",
+            "<liner> hello from liner",
+            "<liner> typed while down",
+            "<bob> after the crash",
+        ):
             assert sum(text in line for line in out.lines) == 1, (text, out.lines)
     finally:
         popen.kill()

@@ -17,8 +17,20 @@ async def test_screen_shows_messages_keeps_typing_blocks_escapes_and_survives_re
 ) -> None:
     proc = ServerProcess(db).start()
     term = Terminal(
-        ["--url", proc.url, "--nick", "alice", "--state-dir", str(tmp_path / "state"),
-         "--mode", "tui", "--ping-interval", "2", "--ping-timeout", "2"]
+        [
+            "--url",
+            proc.url,
+            "--nick",
+            "alice",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--mode",
+            "tui",
+            "--ping-interval",
+            "2",
+            "--ping-timeout",
+            "2",
+        ]
     )
     try:
         await term.wait_for(lambda s: "connected" in s)
@@ -58,8 +70,14 @@ async def test_screen_shows_messages_keeps_typing_blocks_escapes_and_survives_re
         screen = await term.wait_for(lambda s: "after restart" in s)
         await asyncio.sleep(0.5)
         screen = term.text()
-        for line in ("first from bob", "second from bob", "half typed done", "while down",
-                     "after restart", "evil end"):
+        for line in (
+            "first from bob",
+            "second from bob",
+            "half typed done",
+            "while down",
+            "after restart",
+            "evil end",
+        ):
             assert screen.count(line) == 1, f"{line!r} not exactly once:\n{screen}"
         assert "sending…" not in screen
     finally:

@@ -36,14 +36,24 @@ async def ui_client(
 ) -> AsyncIterator[tuple[ChatUI, ChatConnection]]:
     model = ChatModel(nick, "lobby")
     conn = ChatConnection(
-        chat_url, nick, ["lobby"], SecretStore(state), on_frame=lambda f: None,
+        chat_url,
+        nick,
+        ["lobby"],
+        SecretStore(state),
+        on_frame=lambda f: None,
         on_status=lambda s: None,
     )
     controller = Controller(model, conn)
     conn.on_frame = controller.frame
     conn.on_status = controller.status
-    ui = ChatUI(model, controller.submit, controller.completions, controller.status_text,
-                input=pipe, output=DummyOutput())
+    ui = ChatUI(
+        model,
+        controller.submit,
+        controller.completions,
+        controller.status_text,
+        input=pipe,
+        output=DummyOutput(),
+    )
     controller.on_quit = ui.exit
     controller.on_change = ui.refresh
     net = asyncio.create_task(conn.run())
@@ -60,9 +70,10 @@ async def ui_client(
 async def test_typing_sending_receiving_completion_and_history(db: Path, tmp_path: Path) -> None:
     async with server(db) as chat:
         with create_pipe_input() as pipe:
-            async with ui_client(url(chat), "alice", tmp_path, pipe) as (ui, conn), peer(
-                chat, "bob"
-            ) as bob:
+            async with (
+                ui_client(url(chat), "alice", tmp_path, pipe) as (ui, conn),
+                peer(chat, "bob") as bob,
+            ):
                 pipe.send_text("hello bob\r")
                 got = await bob.expect("msg")
                 assert got["body"] == "hello bob"

@@ -49,8 +49,17 @@ def test_clean_newlines() -> None:
 
 
 def msg(id: int, body: str = "x", room: str = "lobby", sender: str = "bob", **extra: Any) -> Any:
-    return {"type": "msg", "id": id, "ts": 1_700_000_000_000, "room": room, "from": sender,
-            "body": body, "action": False, "cid": f"c{id}", **extra}
+    return {
+        "type": "msg",
+        "id": id,
+        "ts": 1_700_000_000_000,
+        "room": room,
+        "from": sender,
+        "body": body,
+        "action": False,
+        "cid": f"c{id}",
+        **extra,
+    }
 
 
 def test_model_shows_each_id_once_in_id_order() -> None:
@@ -76,8 +85,18 @@ def test_mentions_dms_and_unread() -> None:
     model.on_mention = bells.append
     model.apply(msg(1, "hey alice!"))
     model.apply(msg(2, "malice is not a mention"))
-    model.apply({"type": "msg", "id": 3, "ts": 0, "to": "alice", "from": "bob", "body": "psst",
-                 "action": False, "cid": "d"})
+    model.apply(
+        {
+            "type": "msg",
+            "id": 3,
+            "ts": 0,
+            "to": "alice",
+            "from": "bob",
+            "body": "psst",
+            "action": False,
+            "cid": "d",
+        }
+    )
     model.apply(msg(4, "elsewhere", room="dev"))
     assert [e.id for e in bells] == [1, 3]
     assert model.window("#lobby").lines()[0].mention

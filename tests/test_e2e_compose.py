@@ -48,7 +48,11 @@ class Stack:
     def compose(self, *args: str, timeout: float = 300, check: bool = True) -> str:
         done = subprocess.run(
             ["docker", "compose", *args],
-            cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout,
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and done.returncode != 0:
             raise AssertionError(f"docker compose {' '.join(args)} failed:\n{done.stderr}")
