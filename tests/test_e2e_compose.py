@@ -243,3 +243,32 @@ async def test_attach_to_a_replica_opens_the_full_screen_ui(stack: Stack) -> Non
         assert len([c for c in stack.containers("client") if c["State"] == "running"]) == 2
     finally:
         term.close()
+
+
+@pytest.mark.parametrize(
+    ("image", "present", "absent"),
+    [
+        ("compose-chat-server", "chat_server", "chat_client"),
+        ("compose-chat-server", "aiosqlite", "prompt_toolkit"),
+        ("compose-chat-client", "chat_client", "chat_server"),
+        ("compose-chat-client", "prompt_toolkit", "aiosqlite"),
+    ],
+)
+def test_each_image_holds_only_its_side(
+    stack: Stack, image: str, present: str, absent: str
+) -> None:
+    def importable(module: str) -> bool:
+        code = f"import importlib.util, sys; sys.exit(importlib.util.find_spec('{module}') is None)"
+        done = subprocess.run(
+            ["docker", "run", "--rm", "--entrypoint", "python", image, "-c", code],
+            capture_output=True, timeout=60,
+        )
+        return done.returncode == 0
+
+    assert importable(present)
+    assert not importable(absent)
+    user = subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "id", image, "-u"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert user.stdout.strip() != "0", "runs as root"
