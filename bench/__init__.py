@@ -1,0 +1,1 @@
+"""chat-bench: load generator and figures for compose-chat against a bare relay baseline."""
