@@ -81,9 +81,10 @@ def report(results: list[Result]) -> str:
     ratios = []
     f_chat, f_base = by.get(("fanout", "chat")), by.get(("fanout", "relay"))
     if f_chat and f_base and f_base["server_cpu_pct"]:
+        cpu = f_chat["server_cpu_pct"] / f_base["server_cpu_pct"]
         ratios.append(
-            f"fanout server CPU chat/relay = {f_chat['server_cpu_pct'] / f_base['server_cpu_pct']:.2f}x"
-            f" (target <= 1.15x); p99 chat {f_chat['p99_ms']} ms (target <= 15)"
+            f"fanout server CPU chat/relay = {cpu:.2f}x (target <= 1.15x); "
+            f"p99 chat {f_chat['p99_ms']} ms (target <= 15)"
         )
     s_chat, s_base = by.get(("saturation", "chat")), by.get(("saturation", "relay"))
     if s_chat and s_base and s_base["sustained_deliveries_per_s"]:

@@ -260,7 +260,7 @@ async def fanout(
     send_wall = time.monotonic() - started
     expected = sent_total * clients
     deadline = time.monotonic() + 10
-    while run.unique() < expected and time.monotonic() < deadline:
+    while run.unique() < expected and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     server_cpu, own_cpu = window.stop()
     for ws in conns:

@@ -53,7 +53,7 @@ _HELP = {
     "port": "TCP port for WebSocket and /healthz (0: any free port)",
     "db": "SQLite database file",
     "synchronous": "SQLite synchronous mode (FULL survives power loss, NORMAL a crash)",
-    "batch_max": "most messages in one group commit",
+    "batch_max": "most messages in one group commit (at most 2000)",
     "queue_max": "messages queued for the writer before senders wait",
     "rate": "frames per second a client may send",
     "burst": "frames a client may send in a burst",

@@ -90,24 +90,33 @@ class Hub:
     ) -> None:
         """Write one encoded frame to every recipient (or to its hold)."""
         targets = list(recipients)
-        broadcast(
-            [m.connection for m in targets if m.hold is None],
-            data,
-            text=True,
-        )
+        ready = []
         for member in targets:
-            if member.hold is not None:
+            if member.hold is None:
+                ready.append(member.connection)
+            else:
                 member.hold.append((data, message))
-            self.check(member)
+        broadcast(ready, data, text=True)
+        limit = self.buffer_limit
+        for member in targets:
+            transport = member.connection.transport
+            # Cheap on the hot path: a C call on the transport; held frames only when holding.
+            if transport is not None and transport.get_write_buffer_size() > limit:
+                self.drop(member)
+            elif member.hold is not None:
+                self.check(member)
 
     def check(self, member: Member) -> None:
-        """Drop a member whose unsent data passed the limit."""
+        """Drop a member whose unsent data (written and held) passed the limit."""
         held = sum(len(data) for data, _ in member.hold) if member.hold else 0
         transport = member.connection.transport
         if transport is None:
             return
         if transport.get_write_buffer_size() + held > self.buffer_limit:
-            self.remove(member)
-            member.kick(
-                CloseCode.POLICY, f"too slow: over {self.buffer_limit} bytes waiting to be sent"
-            )
+            self.drop(member)
+
+    def drop(self, member: Member) -> None:
+        self.remove(member)
+        member.kick(
+            CloseCode.POLICY, f"too slow: over {self.buffer_limit} bytes waiting to be sent"
+        )

@@ -5,10 +5,11 @@ task, and a *reader* for history, replay and look-ups. In WAL mode readers never
 the writer and always see every committed row.
 
 Writes are group-committed: the writer task takes everything queued since its last
-commit (up to ``batch_max`` items), writes it with one ``executemany`` in one
-transaction and commits once; only then does it report the rows to the listener, which
-fans them out and acknowledges their senders. Message ids are assigned by the writer
-itself (it is the only writer of the file), so a batch needs no per-row round trip.
+commit (up to ``batch_max`` messages) and stores it with one multi-row INSERT, a single
+atomic statement and a single commit; only then does it report the rows to the listener,
+which fans them out and acknowledges their senders. Message ids are assigned by the
+writer itself (it is the only writer of the file), so a batch needs no per-row round
+trip, and a batch costs one hop to the database thread (measured: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 _COLUMNS = "id, ts, room, sender_key, sender, recipient_key, recipient, action, body, cid"
+_ROW_MARKS = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # channel + the columns above
 
 
 class StoreUnavailable(Exception):
@@ -167,7 +169,8 @@ class Store:
         self._writer = writer
         self._reader = reader
         self._last_id = last_id
-        self._batch_max = batch_max
+        # SQLite allows 32766 bound parameters per statement; a row takes 11.
+        self._batch_max = max(1, min(batch_max, 2000))
         self._queue: asyncio.Queue[Draft | _Op | object] = asyncio.Queue(queue_max)
         self._task: asyncio.Task[None] | None = None
         self._listener: CommitListener | None = None
@@ -290,48 +293,80 @@ class Store:
     async def _write(self, batch: list[Draft | _Op]) -> None:
         drafts = [item for item in batch if isinstance(item, Draft)]
         ops = [item for item in batch if isinstance(item, _Op)]
+        if drafts:
+            await self._write_messages(drafts)
+        for op in ops:
+            await self._run_op(op)
+
+    async def _write_messages(self, drafts: list[Draft]) -> None:
+        """Store a batch in one statement: one thread hop and one commit in the common case.
+
+        The rows go in as one multi-row ``INSERT OR IGNORE``, atomic on its own in
+        autocommit mode. A row is ignored only when its (sender, cid) is already stored, a
+        retry; then, and only then, a second query finds the original rows.
+        """
         db = self._writer
         results: list[Committed] = []
-        op_outcomes: list[tuple[bool, Any]] = []
+        rows: list[Any] = []
+        batch: dict[tuple[str, str], StoredMessage] = {}
         next_id = self._last_id
+        ts = _now_ms()
+        for draft in drafts:
+            key = (draft.sender_key, draft.cid)
+            if key in batch:  # the same message twice in one batch
+                results.append(Committed(draft, batch[key], fresh=False))
+                continue
+            next_id += 1
+            message = StoredMessage(
+                id=next_id,
+                ts=ts,
+                room=draft.room,
+                sender_key=draft.sender_key,
+                sender=draft.sender,
+                recipient_key=draft.recipient_key,
+                recipient=draft.recipient,
+                action=draft.action,
+                body=draft.body,
+                cid=draft.cid,
+            )
+            batch[key] = message
+            results.append(Committed(draft, message, fresh=True))
+            rows.extend(_row(message))
+        count = len(batch)
+        marks = ", ".join([_ROW_MARKS] * count)
+        try:
+            before = db.total_changes
+            await db.execute(
+                f"INSERT OR IGNORE INTO messages (channel, {_COLUMNS}) VALUES {marks}", rows
+            )
+            if db.total_changes - before != count:
+                results = await self._resolve_retries(results)
+        except sqlite3.Error as exc:
+            self._set_writable(False, f"{type(exc).__name__}: {exc}")
+            if self._listener is not None:
+                self._listener.failed(drafts, StoreUnavailable(str(exc)))
+            return
+        self._last_id = next_id
+        self._set_writable(True, None)
+        if self._listener is not None:
+            self._listener.committed(results)
+
+    async def _resolve_retries(self, results: list[Committed]) -> list[Committed]:
+        """Some rows were ignored as already stored: answer those with the stored rows."""
+        stored = await self._existing([r.draft for r in results])
+        resolved = []
+        for result in results:
+            original = stored[(result.draft.sender_key, result.draft.cid)]
+            fresh = result.fresh and original.id == result.message.id
+            resolved.append(Committed(result.draft, original, fresh))
+        return resolved
+
+    async def _run_op(self, op: _Op) -> None:
+        db = self._writer
         try:
             await db.execute("BEGIN IMMEDIATE")
             try:
-                existing = await self._existing(drafts)
-                rows: list[tuple[Any, ...]] = []
-                ts = _now_ms()
-                for draft in drafts:
-                    key = (draft.sender_key, draft.cid)
-                    if key in existing:
-                        results.append(Committed(draft, existing[key], fresh=False))
-                        continue
-                    next_id += 1
-                    message = StoredMessage(
-                        id=next_id,
-                        ts=ts,
-                        room=draft.room,
-                        sender_key=draft.sender_key,
-                        sender=draft.sender,
-                        recipient_key=draft.recipient_key,
-                        recipient=draft.recipient,
-                        action=draft.action,
-                        body=draft.body,
-                        cid=draft.cid,
-                    )
-                    existing[key] = message  # a retry inside the same batch
-                    results.append(Committed(draft, message, fresh=True))
-                    rows.append(_row(message))
-                if rows:
-                    await db.executemany(
-                        f"INSERT INTO messages (channel, {_COLUMNS}) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        rows,
-                    )
-                for op in ops:
-                    try:
-                        op_outcomes.append((True, await op.run(db)))
-                    except sqlite3.IntegrityError as exc:
-                        op_outcomes.append((False, exc))
+                value = await op.run(db)
                 await db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
@@ -339,24 +374,12 @@ class Store:
                 raise
         except sqlite3.Error as exc:
             self._set_writable(False, f"{type(exc).__name__}: {exc}")
-            error = StoreUnavailable(str(exc))
-            for op in ops:
-                if not op.future.done():
-                    op.future.set_exception(error)
-            if drafts and self._listener is not None:
-                self._listener.failed(drafts, error)
+            if not op.future.done():
+                op.future.set_exception(StoreUnavailable(str(exc)))
             return
-        self._last_id = next_id
         self._set_writable(True, None)
-        if results and self._listener is not None:
-            self._listener.committed(results)
-        for op, (ok, value) in zip(ops, op_outcomes, strict=True):
-            if op.future.done():
-                continue
-            if ok:
-                op.future.set_result(value)
-            else:
-                op.future.set_exception(value)
+        if not op.future.done():
+            op.future.set_result(value)
 
     def _set_writable(self, writable: bool, error: str | None) -> None:
         if writable != self.writable:
@@ -374,8 +397,8 @@ class Store:
         keys = list({(d.sender_key, d.cid) for d in drafts})
         found: dict[tuple[str, str], StoredMessage] = {}
         # Row values: SQLite looks each pair up in the unique index.
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start : start + 1000]
             values = ", ".join("(?, ?)" for _ in chunk)
             params = [part for key in chunk for part in key]
             sql = f"SELECT {_COLUMNS} FROM messages WHERE (sender_key, cid) IN (VALUES {values})"

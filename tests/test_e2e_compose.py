@@ -261,7 +261,8 @@ def test_each_image_holds_only_its_side(
         code = f"import importlib.util, sys; sys.exit(importlib.util.find_spec('{module}') is None)"
         done = subprocess.run(
             ["docker", "run", "--rm", "--entrypoint", "python", image, "-c", code],
-            capture_output=True, timeout=60,
+            capture_output=True,
+            timeout=60,
         )
         return done.returncode == 0
 
@@ -269,6 +270,8 @@ def test_each_image_holds_only_its_side(
     assert not importable(absent)
     user = subprocess.run(
         ["docker", "run", "--rm", "--entrypoint", "id", image, "-u"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert user.stdout.strip() != "0", "runs as root"
