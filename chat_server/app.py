@@ -21,7 +21,7 @@ from websockets.http11 import Request, Response
 from chat_protocol import ErrorCode, encode
 from chat_protocol.limits import MAX_BODY_CHARS, MAX_FRAME_BYTES, MAX_ROOMS
 from chat_server.config import ServerConfig
-from chat_server.fanout import Hub, Member
+from chat_server.fanout import Delivery, Hub, Member
 from chat_server.messages import Committed, Draft
 from chat_server.session import Context, Session
 from chat_server.store import Store, StoreUnavailable
@@ -78,8 +78,9 @@ class ChatServer:
     # --- CommitListener ----------------------------------------------------------------
 
     def committed(self, results: Sequence[Committed]) -> None:
-        """Fan a committed batch out in id order, then acknowledge each sender."""
+        """Fan a committed batch out in id order, each sender's ack after its message."""
         hub = self.hub
+        deliveries: list[Delivery] = []
         for result in results:
             message = result.message
             if result.fresh:
@@ -92,11 +93,12 @@ class ChatServer:
                         for key in dict.fromkeys((message.sender_key, message.recipient_key))
                         if key is not None and (member := hub.online.get(key)) is not None
                     ]
-                hub.publish(recipients, encode(message.frame()), message)
+                deliveries.append((recipients, encode(message.frame()), message))
             origin = result.draft.origin
             if isinstance(origin, Session):
                 ack = {"type": "ack", "cid": message.cid, "id": message.id, "ts": message.ts}
-                origin.deliver(ack)
+                deliveries.append(([origin], encode(ack), None))
+        hub.publish_many(deliveries)
 
     def failed(self, drafts: Sequence[Draft], error: Exception) -> None:
         for draft in drafts:
@@ -130,6 +132,7 @@ async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
         synchronous=config.synchronous,
         batch_max=config.batch_max,
         queue_max=config.queue_max,
+        batch_wait=config.batch_wait_ms / 1000,
     )
     chat = ChatServer(config, store)
     store.start(chat)

@@ -27,6 +27,9 @@ class ServerConfig:
     synchronous: Synchronous = "FULL"
     #: Most messages in one group commit.
     batch_max: int = 512
+    #: Milliseconds the writer lingers after the first message of a batch, so that one
+    #: commit and one socket write per recipient carry several messages.
+    batch_wait_ms: float = 2.0
     #: Messages waiting for the writer before senders are made to wait.
     queue_max: int = 10_000
     #: Per-connection token bucket: frames per second and burst size.
@@ -54,6 +57,7 @@ _HELP = {
     "db": "SQLite database file",
     "synchronous": "SQLite synchronous mode (FULL survives power loss, NORMAL a crash)",
     "batch_max": "most messages in one group commit (at most 2000)",
+    "batch_wait_ms": "milliseconds a batch waits for more messages before its commit",
     "queue_max": "messages queued for the writer before senders wait",
     "rate": "frames per second a client may send",
     "burst": "frames a client may send in a burst",

@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from websockets.asyncio.connection import broadcast
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -34,7 +33,7 @@ from chat_protocol.frames import (
 from chat_protocol.limits import HISTORY_DEFAULT, MAX_ROOMS
 from chat_protocol.names import nick_key
 from chat_server.config import ServerConfig
-from chat_server.fanout import Held, Hub
+from chat_server.fanout import Held, Hub, write_frames
 from chat_server.messages import Draft, StoredMessage, channel_of
 from chat_server.ratelimit import TokenBucket
 from chat_server.store import Store, StoreUnavailable
@@ -90,7 +89,7 @@ class Session:
 
     def write(self, frame: Frame) -> None:
         """Write a frame now, past any hold: replies and the catch-up itself."""
-        broadcast([self.connection], encode(frame), text=True)
+        write_frames(self.connection, [encode(frame)])
         self.ctx.hub.check(self)
 
     def deliver(self, frame: Frame) -> None:
@@ -292,8 +291,8 @@ class Session:
         """End a hold: write what live traffic came in, minus what the catch-up sent."""
         held, self.hold = self.hold or [], None
         data = [frame for frame, message in held if message is None or not covered(message)]
-        for frame in data:
-            broadcast([self.connection], frame, text=True)
+        if data:
+            write_frames(self.connection, data)
         self.ctx.hub.check(self)
 
     # --- requests --------------------------------------------------------------------------

@@ -165,12 +165,14 @@ class Store:
         *,
         batch_max: int,
         queue_max: int,
+        batch_wait: float = 0.0,
     ) -> None:
         self._writer = writer
         self._reader = reader
         self._last_id = last_id
         # SQLite allows 32766 bound parameters per statement; a row takes 11.
         self._batch_max = max(1, min(batch_max, 2000))
+        self._batch_wait = batch_wait
         self._queue: asyncio.Queue[Draft | _Op | object] = asyncio.Queue(queue_max)
         self._task: asyncio.Task[None] | None = None
         self._listener: CommitListener | None = None
@@ -186,6 +188,7 @@ class Store:
         synchronous: Synchronous = "FULL",
         batch_max: int = 512,
         queue_max: int = 10_000,
+        batch_wait: float = 0.0,
     ) -> Store:
         writer = await _connect(path, synchronous)
         try:
@@ -197,7 +200,9 @@ class Store:
             await writer.close()
             raise
         last_id = int(row[0]) if row else 0
-        return cls(writer, reader, last_id, batch_max=batch_max, queue_max=queue_max)
+        return cls(
+            writer, reader, last_id, batch_max=batch_max, queue_max=queue_max, batch_wait=batch_wait
+        )
 
     @property
     def last_id(self) -> int:
@@ -278,6 +283,9 @@ class Store:
         while not stopping:
             batch: list[Draft | _Op] = []
             item = await self._queue.get()
+            if self._batch_wait and item is not _STOP and self._queue.qsize() < self._batch_max:
+                # Linger a moment so that a batch, and its fan-out, carries more messages.
+                await asyncio.sleep(self._batch_wait)
             while True:
                 if item is _STOP:
                     stopping = True
