@@ -166,4 +166,9 @@ async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
                     await asyncio.gather(*chat.ctx.closing, return_exceptions=True)
     finally:
         await store.close()
-        log.info("database closed; last id %d", store.last_id)
+        log.info(
+            "database closed; last id %d; %d messages in %d group commits",
+            store.last_id,
+            store.batched,
+            store.batches,
+        )

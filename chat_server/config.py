@@ -29,7 +29,7 @@ class ServerConfig:
     batch_max: int = 512
     #: Milliseconds the writer lingers after the first message of a batch, so that one
     #: commit and one socket write per recipient carry several messages.
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 1.0
     #: Messages waiting for the writer before senders are made to wait.
     queue_max: int = 10_000
     #: Per-connection token bucket: frames per second and burst size.

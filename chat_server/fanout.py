@@ -140,11 +140,12 @@ class Hub:
 
 
 def write_frames(connection: ServerConnection, frames: list[bytes]) -> None:
-    """Queue text frames on a connection and flush them with one write.
+    """Queue text frames on a connection and hand them to the socket in one write.
 
-    What ``websockets.broadcast`` does for one frame, for several: it frames each message
-    with the connection's Sans-I/O ``protocol`` and hands the bytes to the transport with
-    ``send_data()``. Like broadcast, it skips a connection that is not open and never
+    What ``websockets.broadcast`` does for one frame, for several: each message is framed
+    by the connection's Sans-I/O ``protocol``, then all the bytes go to the transport
+    together (``Connection.send_data`` would write each frame separately: one system
+    call per frame). Like broadcast, it skips a connection that is not open and never
     waits. (Broadcast also skips a connection in the middle of a fragmented send; this
     server never sends fragmented messages.)
     """
@@ -153,6 +154,9 @@ def write_frames(connection: ServerConnection, frames: list[bytes]) -> None:
     try:
         for data in frames:
             connection.protocol.send_text(data)
-        connection.send_data()
+        chunks = connection.protocol.data_to_send()
+        connection.transport.write(b"".join(chunks))
+        if chunks and not chunks[-1] and connection.transport.can_write_eof():
+            connection.transport.write_eof()  # the protocol asked to half-close
     except Exception:  # a broken connection: its handler will see the close
         log.debug("write to %s failed", connection.remote_address, exc_info=True)

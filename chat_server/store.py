@@ -177,6 +177,9 @@ class Store:
         self._task: asyncio.Task[None] | None = None
         self._listener: CommitListener | None = None
         self._known_rooms: set[str] = set()
+        #: Committed batches and the messages in them, for the shutdown log line.
+        self.batches = 0
+        self.batched = 0
         self.writable = True
         self.last_error: str | None = None
 
@@ -355,6 +358,8 @@ class Store:
                 self._listener.failed(drafts, StoreUnavailable(str(exc)))
             return
         self._last_id = next_id
+        self.batches += 1
+        self.batched += len(results)
         self._set_writable(True, None)
         if self._listener is not None:
             self._listener.committed(results)
