@@ -94,7 +94,8 @@ def report(results: list[Result]) -> str:
     if i_chat and i_base:
         ratios.append(
             f"idle KiB/connection chat {i_chat['kib_per_connection']} vs relay "
-            f"{i_base['kib_per_connection']} (target <= 16)"
+            f"{i_base['kib_per_connection']} (target <= 16); marginal "
+            f"{i_chat['marginal_kib_per_connection']} vs {i_base['marginal_kib_per_connection']}"
         )
     p_chat = by.get(("persistence", "chat"))
     if p_chat:
@@ -135,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     limit = raise_nofile()
-    if "idle" in args.workloads and limit < args.idle * 2 + 100:
+    if "idle" in args.workloads and limit < args.idle + 500:  # per process
         parser.error(f"open files limit {limit} is too low for {args.idle} idle connections")
     if not pin(0, GENERATOR_CPU):
         print("note: fewer than 2 CPUs: generator and server share one", file=sys.stderr)

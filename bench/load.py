@@ -180,10 +180,17 @@ def percentile(values: list[int], fraction: float) -> float:
 
 
 async def open_clients(
-    target: Target, count: int, rooms: Sequence[str], tag: str
+    target: Target,
+    count: int,
+    rooms: Sequence[str],
+    tag: str,
+    secrets: dict[str, str] | None = None,
 ) -> list[ClientConnection]:
-    """Connect ``count`` clients (with hello for chat), at most 200 handshakes at once."""
-    gate = asyncio.Semaphore(200)
+    """Connect ``count`` clients (with hello for chat), at most 200 handshakes at once.
+
+    With ``secrets``, chat nicks are claimed with the secrets in it, and new ones are added.
+    """
+    gate = asyncio.Semaphore(int(os.environ.get("BENCH_CONNECT_CONCURRENCY", "200")))
 
     async def one(i: int) -> ClientConnection:
         async with gate:
@@ -196,14 +203,17 @@ async def open_clients(
                 max_queue=None,
             )
             if target.kind == "chat":
+                nick = f"{tag}{i}"
                 room = rooms[i % len(rooms)]
-                await ws.send(
-                    json.dumps(
-                        {"type": "hello", "nick": f"{tag}{i}", "rooms": [room], "history": 0}
-                    )
-                )
+                hello: dict[str, Any] = {"type": "hello", "nick": nick, "rooms": [room]}
+                hello["history"] = 0
+                if secrets is not None and nick in secrets:
+                    hello["secret"] = secrets[nick]
+                await ws.send(json.dumps(hello))
                 while True:
                     frame = json.loads(await ws.recv())
+                    if frame["type"] == "welcome" and secrets is not None and "secret" in frame:
+                        secrets[nick] = frame["secret"]
                     if frame["type"] == "synced":
                         break
                     if frame["type"] == "error":
@@ -330,9 +340,19 @@ async def saturation(
 
 
 async def idle(target: Target, *, connections: int) -> Result:
-    """Many idle connections: server memory per connection."""
+    """Many idle connections: server memory per connection.
+
+    Reported two ways: the RSS growth from a fresh server to ``connections`` open ones,
+    divided by their number (which includes one-time growth: allocator arenas, SQLite's
+    page cache filling with new nicks), and the marginal cost of the last 80% of them.
+    """
+    rooms = [f"idle{i}" for i in range(100)]
+    first = connections // 5
     base = rss_bytes(target.pid)
-    conns = await open_clients(target, connections, [f"idle{i}" for i in range(100)], "i")
+    conns = await open_clients(target, first, rooms, "i")
+    await asyncio.sleep(1)
+    partial = rss_bytes(target.pid)
+    conns += await open_clients(target, connections - first, rooms, "j")
     await asyncio.sleep(2)
     loaded = rss_bytes(target.pid)
     for ws in conns:
@@ -345,6 +365,9 @@ async def idle(target: Target, *, connections: int) -> Result:
             "rss_before_mib": round(base / 2**20, 1),
             "rss_after_mib": round(loaded / 2**20, 1),
             "kib_per_connection": round((loaded - base) / connections / 1024, 2),
+            "marginal_kib_per_connection": round(
+                (loaded - partial) / (connections - first) / 1024, 2
+            ),
         },
     )
 

@@ -4,6 +4,8 @@ import time
 
 
 class TokenBucket:
+    __slots__ = ("_stamp", "_tokens", "capacity", "rate")
+
     def __init__(self, rate: float, capacity: float) -> None:
         self.rate = rate
         self.capacity = capacity

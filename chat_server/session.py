@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 
 from chat_protocol import PROTOCOL_VERSION, CloseCode, ErrorCode, ProtocolError, decode, encode
 from chat_protocol.frames import (
+    ClientFrame,
     Frame,
     Hello,
     History,
@@ -61,6 +62,19 @@ class Context:
 
 
 class Session:
+    # Slots: an idle connection's memory is mostly this object and the websocket's.
+    __slots__ = (
+        "bucket",
+        "close_code",
+        "closed_reason",
+        "connection",
+        "ctx",
+        "hold",
+        "nick",
+        "nick_key",
+        "strikes",
+    )
+
     def __init__(self, ctx: Context, connection: ServerConnection) -> None:
         self.ctx = ctx
         self.connection = connection
@@ -71,15 +85,6 @@ class Session:
         self.strikes = 0
         self.closed_reason: str | None = None
         self.close_code = 1000
-        self._handlers: dict[type, Callable[[Any, str | None], Awaitable[None]]] = {
-            Send: self._send,
-            Join: self._join,
-            Leave: self._leave,
-            Nick: self._nick,
-            Who: self._who,
-            Rooms: self._rooms,
-            History: self._history,
-        }
 
     @property
     def rooms(self) -> list[str]:
@@ -117,13 +122,48 @@ class Session:
     # --- the connection's life -----------------------------------------------------------
 
     async def run(self) -> None:
-        log.info("connection from %s", self.remote)
+        """Read and answer frames until the connection closes.
+
+        One flat loop, not a chain of helpers: every coroutine frame here is memory that
+        each idle connection holds for as long as it is open.
+        """
+        request = self.connection.request
+        agent = request.headers.get("User-Agent", "?") if request is not None else "?"
+        log.info("connection from %s (%s)", self.remote, agent)
+        # The handshake's HTTP headers are not used after this point; holding them costs
+        # about 2 KiB per connection for as long as it stays open.
+        for handshake in (request, self.connection.response):
+            if handshake is not None:
+                handshake.headers.clear()
+        # A timer, not asyncio.timeout(): nothing of it stays alive once hello is done.
+        hello_timer = asyncio.get_running_loop().call_later(
+            self.ctx.config.hello_timeout, self.kick, CloseCode.POLICY, "no hello in time"
+        )
         try:
-            if await self._await_hello():
-                await self._serve()
+            async for data in self.connection:
+                parsed = self._parse(data)
+                if parsed is None:
+                    if self.closed_reason is not None:
+                        break
+                    continue
+                frame, ref = parsed
+                if not self.nick_key:
+                    if not isinstance(frame, Hello):
+                        self.error(ErrorCode.HELLO_FIRST, "the first frame must be hello", ref)
+                    elif await self._hello(frame, ref):
+                        hello_timer.cancel()
+                elif isinstance(frame, Hello):
+                    self.error(ErrorCode.ALREADY_HELLO, "hello was already accepted", ref)
+                else:
+                    try:
+                        await _HANDLERS[type(frame)](self, frame, ref)
+                    except StoreUnavailable as exc:
+                        message = f"the database is unavailable: {exc}"
+                        self.error(ErrorCode.UNAVAILABLE, message, ref)
         except ConnectionClosed:
             pass
         finally:
+            hello_timer.cancel()
             self._depart()
             if self.closed_reason is not None:
                 # Close here too: returning first would let websockets close with 1000.
@@ -136,46 +176,23 @@ class Session:
                 self.closed_reason or self.connection.close_reason or "",
             )
 
-    async def _frames(self) -> Any:
-        """Each inbound frame parsed, with rate limiting; errors are answered here."""
-        async for data in self.connection:
-            if not self.bucket.take():
-                self.strikes += 1
-                if self.strikes >= self.ctx.config.flood_strikes:
-                    self.kick(CloseCode.POLICY, "flooding: too many frames over the rate limit")
-                    return
+    def _parse(self, data: str | bytes) -> tuple[ClientFrame, str | None] | None:
+        """A frame parsed, after rate limiting; None (answered or kicked) if refused."""
+        if not self.bucket.take():
+            self.strikes += 1
+            if self.strikes >= self.ctx.config.flood_strikes:
+                self.kick(CloseCode.POLICY, "flooding: too many frames over the rate limit")
+            else:
                 self.error(ErrorCode.RATE_LIMITED, "too many frames; slow down")
-                continue
-            self.strikes = 0
-            raw: Frame | None = None
-            try:
-                raw = decode(data)
-                yield parse_client_frame(raw), ref_of(raw)
-            except ProtocolError as exc:
-                self.error(exc.code, exc.message, ref_of(raw) if raw else None)
-
-    async def _await_hello(self) -> bool:
-        frames = self._frames()
+            return None
+        self.strikes = 0
+        raw: Frame | None = None
         try:
-            async with asyncio.timeout(self.ctx.config.hello_timeout):
-                async for frame, ref in frames:
-                    if not isinstance(frame, Hello):
-                        self.error(ErrorCode.HELLO_FIRST, "the first frame must be hello", ref)
-                    elif await self._hello(frame, ref):
-                        return True
-        except TimeoutError:
-            self.kick(CloseCode.POLICY, "no hello in time")
-        return False
-
-    async def _serve(self) -> None:
-        async for frame, ref in self._frames():
-            if isinstance(frame, Hello):
-                self.error(ErrorCode.ALREADY_HELLO, "hello was already accepted", ref)
-                continue
-            try:
-                await self._handlers[type(frame)](frame, ref)
-            except StoreUnavailable as exc:
-                self.error(ErrorCode.UNAVAILABLE, f"the database is unavailable: {exc}", ref)
+            raw = decode(data)
+            return parse_client_frame(raw), ref_of(raw)
+        except ProtocolError as exc:
+            self.error(exc.code, exc.message, ref_of(raw) if raw else None)
+            return None
 
     def _depart(self) -> None:
         hub = self.ctx.hub
@@ -416,6 +433,18 @@ class Session:
         reply["messages"] = _frames(messages)
         reply["more"] = more
         self.deliver(_with_ref(reply, ref))
+
+
+#: Request type -> handler, shared by all sessions rather than bound per connection.
+_HANDLERS: dict[type, Callable[[Session, Any, str | None], Awaitable[None]]] = {
+    Send: Session._send,
+    Join: Session._join,
+    Leave: Session._leave,
+    Nick: Session._nick,
+    Who: Session._who,
+    Rooms: Session._rooms,
+    History: Session._history,
+}
 
 
 def _nothing(message: StoredMessage) -> bool:
