@@ -1,0 +1,78 @@
+"""The compose deployment under its own project name and host port, for the tests.
+
+The stack is built and started from this checkout's compose.yaml, exactly as users run it,
+and removed with its volumes afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    project: str
+    port: int
+    env: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def compose(self, *args: str, timeout: float = 300, check: bool = True) -> str:
+        done = subprocess.run(
+            ["docker", "compose", *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(f"docker compose {' '.join(args)} failed:\n{done.stderr}")
+        return done.stdout
+
+    def up(self, clients: int) -> None:
+        self.compose("up", "-d", "--scale", f"client={clients}", "--wait", "--wait-timeout", "120")
+
+    def containers(self, *services: str) -> list[dict[str, object]]:
+        out = self.compose("ps", "-a", "--format", "json", *services)
+        rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+        return sorted(rows, key=lambda r: str(r["Name"]))
+
+    def logs(self, service: str) -> str:
+        return self.compose("logs", "--no-color", service).replace("\r", "")
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    project = f"chat-e2e-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "COMPOSE_PROJECT_NAME": project,
+        "CHAT_PUBLISH_PORT": str(free_port()),
+        "CHAT_DEMO_INTERVAL": "2",
+    }
+    s = Stack(project, int(env["CHAT_PUBLISH_PORT"]), env)
+    s.compose("build", timeout=900)
+    try:
+        yield s
+    finally:
+        s.compose("down", "-v", "--remove-orphans", "--timeout", "15", check=False)
