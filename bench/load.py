@@ -98,6 +98,8 @@ class Target:
                 "100000",
                 "--send-buffer-limit",
                 str(16 * 1024 * 1024),
+                "--max-connections-per-ip",
+                "0",  # every benchmark client comes from 127.0.0.1
                 "--log-level",
                 "WARNING",
                 *extra,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Any
@@ -42,6 +43,8 @@ class ChatServer:
         self.ctx = Context(config, store, self.hub, _announced_limits(config))
         self.server: Server | None = None
         self._stopped = asyncio.Event()
+        #: Open connections per remote IP address, for max_connections_per_ip.
+        self.per_ip: Counter[str] = Counter()
 
     @property
     def port(self) -> int:
@@ -58,14 +61,26 @@ class ChatServer:
 
     # --- websockets hooks ------------------------------------------------------------
 
-    def handler(self, connection: ServerConnection) -> Awaitable[None]:
-        # A plain function returning the session's coroutine: one frame less per connection.
-        return Session(self.ctx, connection).run()
+    async def handler(self, connection: ServerConnection) -> None:
+        ip = _ip(connection)
+        self.per_ip[ip] += 1
+        try:
+            await Session(self.ctx, connection).run()
+        finally:
+            self.per_ip[ip] -= 1
+            if self.per_ip[ip] <= 0:
+                del self.per_ip[ip]
 
     async def process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
         if request.path != "/healthz":
+            limit = self.config.max_connections_per_ip
+            ip = _ip(connection)
+            if limit and self.per_ip[ip] >= limit:
+                log.warning("refused %s: already %d connections from it", ip, self.per_ip[ip])
+                text = f"too many connections from {ip} (limit {limit})\n"
+                return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, text)
             return None
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT):
@@ -111,6 +126,11 @@ class ChatServer:
                 )
 
 
+def _ip(connection: ServerConnection) -> str:
+    address = connection.remote_address
+    return str(address[0]) if address else "?"
+
+
 def _announced_limits(config: ServerConfig) -> dict[str, Any]:
     return {
         "max_frame_bytes": MAX_FRAME_BYTES,
@@ -148,6 +168,7 @@ async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
             ping_interval=config.ping_interval or None,
             ping_timeout=config.ping_timeout or None,
             close_timeout=config.close_timeout,
+            open_timeout=config.handshake_timeout,
         ) as server:
             chat.server = server
             log.info(

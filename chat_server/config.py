@@ -41,6 +41,10 @@ class ServerConfig:
     send_buffer_limit: int = 1024 * 1024
     #: Most messages replayed on resume; past it the client gets a ``gap`` frame.
     resume_cap: int = 1000
+    #: Open connections allowed from one IP address (0: no limit); more get HTTP 429.
+    max_connections_per_ip: int = 64
+    #: Seconds a new TCP connection has to finish the WebSocket handshake.
+    handshake_timeout: float = 10.0
     #: Seconds a new connection has to send ``hello``.
     hello_timeout: float = 10.0
     ping_interval: float = 20.0
@@ -64,6 +68,8 @@ _HELP = {
     "flood_strikes": "frames over the rate in a row before disconnecting (1008)",
     "send_buffer_limit": "bytes of unsent frames before a slow client is dropped (1008)",
     "resume_cap": "most messages replayed on resume before a gap is reported",
+    "max_connections_per_ip": "open connections from one IP address, 0 for no limit (429)",
+    "handshake_timeout": "seconds for a new connection to finish the WebSocket handshake",
     "hello_timeout": "seconds a connection has to send hello",
     "ping_interval": "seconds between keepalive pings (0: none)",
     "ping_timeout": "seconds to wait for a pong before closing",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,3 +87,41 @@ async def test_kill_9_mid_burst_loses_no_acknowledged_message(
             ids = [m["id"] for m in page["messages"]] + ids
             before = page["messages"][0]["id"] if page["more"] else None
     assert ids == sorted(stored.values())
+
+
+async def test_live_backup_under_write_load(tmp_path: Path) -> None:
+    from tests.helpers import server
+
+    db = tmp_path / "live.db"
+    acked: dict[str, int] = {}
+    stop = asyncio.Event()
+    async with server(db, rate=10_000.0, burst=10_000) as chat:
+
+        async def writer(name: str) -> None:
+            async with peer(chat, name) as p:
+                n = 0
+                while not stop.is_set():
+                    acked[f"{name}-{n}"] = (await p.say(f"{name}-{n}", cid=f"{name}-{n}"))["id"]
+                    n += 1
+
+        tasks = [asyncio.create_task(writer(f"w{i}")) for i in range(3)]
+        while len(acked) < 300:
+            await asyncio.sleep(0.01)
+        before = dict(acked)  # acknowledged before the backup began
+        dest = tmp_path / "backup.db"
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "chat_server.backup", "--db", str(db), str(dest)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert done.returncode == 0, done.stderr
+    assert "integrity_check: ok" in done.stdout
+    assert len(acked) > len(before), "writes went on during the backup"
+    with sqlite3.connect(dest) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        copied = dict(conn.execute("SELECT cid, id FROM messages").fetchall())
+    assert all(copied.get(cid) == msg_id for cid, msg_id in before.items())
