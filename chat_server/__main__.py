@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -31,9 +32,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         import uvloop  # optional: pip install 'compose-chat[speed]'
     except ImportError:
-        asyncio.run(serve(config))
+        runner = asyncio.run
     else:
-        uvloop.run(serve(config))
+        runner = uvloop.run
+    try:
+        runner(serve(config))
+    except (OSError, sqlite3.Error) as exc:
+        logging.getLogger("chat_server").critical("cannot start: %s (database %s)", exc, config.db)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,14 +62,16 @@ class Stack:
         return self.compose("logs", "--no-color", service).replace("\r", "")
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
+@contextmanager
+def running_stack(**extra_env: str) -> Iterator[Stack]:
+    """A fresh project (own name, own host port); removed with its volumes afterwards."""
     project = f"chat-e2e-{uuid.uuid4().hex[:8]}"
     env = {
         **os.environ,
         "COMPOSE_PROJECT_NAME": project,
         "CHAT_PUBLISH_PORT": str(free_port()),
         "CHAT_DEMO_INTERVAL": "2",
+        **extra_env,
     }
     s = Stack(project, int(env["CHAT_PUBLISH_PORT"]), env)
     s.compose("build", timeout=900)
@@ -76,3 +79,9 @@ def stack() -> Iterator[Stack]:
         yield s
     finally:
         s.compose("down", "-v", "--remove-orphans", "--timeout", "15", check=False)
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with running_stack() as s:
+        yield s
