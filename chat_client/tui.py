@@ -23,6 +23,7 @@ from prompt_toolkit.layout import HSplit, Layout, VSplit, Window
 from prompt_toolkit.layout.controls import BufferControl, FormattedTextControl
 from prompt_toolkit.output import Output
 from prompt_toolkit.styles import Style
+from prompt_toolkit.utils import get_cwidth
 
 from chat_client.model import SERVER_WINDOW, ChatModel, Entry, EntryKind
 from chat_client.sanitize import clean
@@ -61,30 +62,59 @@ def nick_style(nick: str) -> str:
     return "fg:" + NICK_COLOURS[zlib.crc32(nick_key(nick).encode()) % len(NICK_COLOURS)]
 
 
-def render_entry(entry: Entry) -> StyleAndTextTuples:
-    """One entry as styled fragments, several lines if the body has newlines."""
+def wrap_cells(text: str, first: int, rest: int) -> list[str]:
+    """Cut text into pieces at most ``first`` (then ``rest``) terminal cells wide.
+
+    The pane wraps long lines itself rather than leaving it to the terminal widget: a
+    single logical line taller than the window would otherwise push everything else
+    out of view.
+    """
+    pieces: list[str] = []
+    current: list[str] = []
+    width, limit = 0, max(1, first)
+    for char in text:
+        cells = get_cwidth(char)
+        if width + cells > limit and current:
+            pieces.append("".join(current))
+            current, width, limit = [], 0, max(1, rest)
+        current.append(char)
+        width += cells
+    pieces.append("".join(current))
+    return pieces
+
+
+def render_entry(entry: Entry, width: int = 0) -> StyleAndTextTuples:
+    """One entry as styled fragments: several lines for newlines, or wrapped to ``width``."""
     stamp = time.strftime("%H:%M", time.localtime(entry.ts))
     out: StyleAndTextTuples = [("class:time", stamp + " ")]
     if entry.kind in (EntryKind.NOTICE, EntryKind.GAP):
         style = "class:gap" if entry.kind == EntryKind.GAP else "class:notice"
         marker = "~~ " if entry.kind == EntryKind.GAP else "-- "
-        return [*out, (style, marker + clean(entry.text))]
-    nick = clean(entry.nick)
-    body_lines = clean(entry.text, keep_newlines=True).split("\n")
-    if entry.direct:
-        out.append(("class:direct", "[dm] "))
-    if entry.action:
-        out += [("", "* "), (nick_style(nick), nick), ("", " ")]
+        out.append((style, marker))
+        body_lines, style_of_body = [clean(entry.text)], style
     else:
-        out += [("", "<"), (nick_style(nick), nick), ("", "> ")]
-    style = "class:pending" if entry.kind == EntryKind.PENDING else ""
-    if entry.mention:
-        style = "class:mention"
+        nick = clean(entry.nick)
+        body_lines = clean(entry.text, keep_newlines=True).split("\n")
+        if entry.direct:
+            out.append(("class:direct", "[dm] "))
+        if entry.action:
+            out += [("", "* "), (nick_style(nick), nick), ("", " ")]
+        else:
+            out += [("", "<"), (nick_style(nick), nick), ("", "> ")]
+        style_of_body = "class:pending" if entry.kind == EntryKind.PENDING else ""
+        if entry.mention:
+            style_of_body = "class:mention"
     indent = " " * 6
+    if width:
+        prefix = sum(get_cwidth(c) for _, text, *_ in out for c in text)
+        wrapped = wrap_cells(body_lines[0], width - prefix, width - len(indent))
+        for line in body_lines[1:]:
+            wrapped += wrap_cells(line, width - len(indent), width - len(indent))
+        body_lines = wrapped
     for n, line in enumerate(body_lines):
         if n:
             out.append(("", "\n" + indent))
-        out.append((style, line))
+        out.append((style_of_body, line))
     if entry.kind == EntryKind.PENDING:
         out.append(("class:pending", "  (sending…)"))
     return out
@@ -152,10 +182,11 @@ class ChatUI:
     def _pane(self) -> StyleAndTextTuples:
         out: StyleAndTextTuples = []
         lines = 0
+        width = self.app.output.get_size().columns if self.app.is_running else 0
         for entry in self.model.window(self.model.active).lines():
             if out:
                 out.append(("", "\n"))
-            fragments = render_entry(entry)
+            fragments = render_entry(entry, width)
             lines += 1 + sum(text.count("\n") for _, text, *_ in fragments)
             out += fragments
         self._line_count = lines

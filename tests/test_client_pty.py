@@ -83,3 +83,55 @@ async def test_screen_shows_messages_keeps_typing_blocks_escapes_and_survives_re
     finally:
         term.close()
         proc.stop()
+
+
+ESCAPES = {
+    "csi clear": "\x1b[2J\x1b[H",
+    "csi 8-bit": "\x9b2J",
+    "osc 0 title": "\x1b]0;TITLE-PWNED\x07",
+    "osc 8 link": "\x1b]8;;http://evil.invalid\x1b\\LINKTEXT\x1b]8;;\x1b\\",
+    "osc 52 clipboard": "\x1b]52;c;Q0xJUEJPQVJE\x07",
+    "dcs": "\x1bP+q544e\x1b\\",
+    "bel": "\x07\x07",
+    "cr overwrite": "\rOVERWRITE",
+    "backspace": "abc\x08\x08\x08",
+}
+
+
+async def test_every_escape_class_and_pathological_text_stay_inert(
+    db: Path, tmp_path: Path
+) -> None:
+    proc = ServerProcess(db).start()
+    term = Terminal(
+        ["--url", proc.url, "--nick", "victim", "--state-dir", str(tmp_path), "--mode", "tui"]
+    )
+    try:
+        await term.wait_for(lambda s: "connected" in s)
+        async with peer(proc.url, "mallory") as mallory:
+            for n, payload in enumerate(ESCAPES.values()):
+                await mallory.say(f"case{n} [{payload}] end{n}")
+            await mallory.say("e" + "\u0301" * 3000)  # stacked combining marks
+            await mallory.say("W" * 4000)  # the longest body the server takes
+            await mallory.say("still responsive")
+            screen = await term.wait_for(lambda s: "still responsive" in s, timeout=20)
+        raw = bytes(term.raw)
+        for marker in (b"TITLE-PWNED", b"]52;", b"evil.invalid", b"\x9b", b"P+q", b"\x1b]"):
+            assert marker not in raw, f"{marker!r} reached the terminal"
+        assert raw.count(b"\x07") <= 1, "bells from the network reached the terminal"
+        # The screen ends with the newest lines, not pushed out by the 4000-character one.
+        lines = [line for line in screen.splitlines() if line.strip()]
+        assert "still responsive" in lines[-3]
+        assert lines[-4].startswith("      WWW")
+        for _ in range(3):  # PageUp past the long line: the escape cases are up there, inert
+            term.type("\x1b[5~")
+            await asyncio.sleep(0.3)
+        screen = await term.wait_for(lambda s: "end8" in s)
+        assert "[OVERWRITE] end7" in screen
+        assert "[abc] end8" in screen
+        for _ in range(3):
+            term.type("\x1b[6~")
+        term.type("typed after all that\r")
+        await term.wait_for(lambda s: "typed after all that" in s and "(sending" not in s)
+    finally:
+        term.close()
+        proc.stop()
