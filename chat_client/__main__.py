@@ -16,6 +16,7 @@ from chat_client.controller import Controller
 from chat_client.demo import DemoBot
 from chat_client.linemode import LinePrinter
 from chat_client.model import SERVER_WINDOW, ChatModel
+from chat_client.probe import Probe, report_line
 from chat_client.sanitize import clean
 from chat_client.secrets import SecretStore
 
@@ -57,6 +58,7 @@ class ChatClient:
         self.bot = (
             DemoBot(self.connection, config.rooms[0], config.demo_interval) if config.demo else None
         )
+        self.probe = Probe(self.connection, config.rooms[0]) if config.probe else None
         self.quit = asyncio.Event()
         self.ui_active = False
 
@@ -64,6 +66,8 @@ class ChatClient:
         self.controller.frame(frame)
         if self.bot is not None:
             self.bot.frame(frame)
+        if self.probe is not None:
+            self.probe.frame(frame)
 
     def _trace(self, direction: str, text: str) -> None:
         line = f"{direction} {clean(text)}"
@@ -88,7 +92,12 @@ class ChatClient:
         connection = asyncio.create_task(self.connection.run())
         bot = asyncio.create_task(self.bot.run()) if self.bot else None
         try:
-            if self.interactive() and not self.config.demo:
+            if self.probe is not None:
+                report = await self.probe.run(
+                    self.config.probe, self.config.probe_interval, quiet=5.0, limit=180.0
+                )
+                print(report_line(report), file=self.stdout, flush=True)
+            elif self.interactive() and not self.config.demo:
                 await self._run_ui()
             else:
                 switch = await self._run_lines()

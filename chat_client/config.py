@@ -26,6 +26,8 @@ class ClientConfig:
     trace: bool
     ping_interval: float
     ping_timeout: float
+    probe: int = 0
+    probe_interval: float = 0.2
 
 
 def in_container() -> bool:
@@ -125,6 +127,17 @@ def parse_config(
         default=float(env.get("CHAT_PING_TIMEOUT", "20")),
         help="seconds without a pong before reconnecting [CHAT_PING_TIMEOUT, default 20]",
     )
+    parser.add_argument(
+        "--probe",
+        type=int,
+        default=0,
+        metavar="N",
+        help="probe mode: send N numbered messages, wait for every ack, print a "
+        "PROBE-REPORT line and exit (used by chat-chaos)",
+    )
+    parser.add_argument(
+        "--probe-interval", type=float, default=0.2, help="seconds between probe messages"
+    )
     args = parser.parse_args(argv)
     if not is_valid_nick(args.nick):
         parser.error(f"invalid nick {args.nick!r}: 1-24 of A-Z a-z 0-9 _ -, not starting with -")
@@ -145,4 +158,6 @@ def parse_config(
         trace=args.trace,
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout,
+        probe=args.probe,
+        probe_interval=args.probe_interval,
     )
