@@ -108,9 +108,18 @@ ClientFrame = Hello | Send | Join | Leave | Nick | Who | Rooms | History
 def ref_of(frame: Frame) -> str | None:
     """The client's optional correlation string, echoed in replies and errors."""
     ref = frame.get("ref")
-    if isinstance(ref, str) and 0 < len(ref) <= MAX_REF_CHARS:
+    if isinstance(ref, str) and 0 < len(ref) <= MAX_REF_CHARS and _encodable(ref):
         return ref
     return None
+
+
+def _encodable(text: str) -> bool:
+    """False for a string holding a lone surrogate (valid JSON, not valid UTF-8)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_client_frame(frame: Frame) -> ClientFrame:
@@ -207,10 +216,8 @@ def _send(frame: Frame) -> Send:
         raise ProtocolError(ErrorCode.BODY_INVALID, "the body is empty")
     if len(body) > MAX_BODY_CHARS:
         raise ProtocolError(ErrorCode.BODY_INVALID, f"the body is over {MAX_BODY_CHARS} characters")
-    try:
-        body.encode()
-    except UnicodeEncodeError:
-        raise ProtocolError(ErrorCode.BODY_INVALID, "the body has a lone surrogate") from None
+    if not _encodable(body):
+        raise ProtocolError(ErrorCode.BODY_INVALID, "the body has a lone surrogate")
     room_field: str | None = _field(frame, "room", str, required=False)
     to: str | None = None
     if "to" in frame and frame["to"] is not None:

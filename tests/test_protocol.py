@@ -78,3 +78,11 @@ def test_names() -> None:
     assert normalize_room("#Lobby") == "lobby"
     assert normalize_room("a" * 33) is None
     assert normalize_room("#") is None
+
+
+def test_a_ref_that_cannot_be_sent_back_is_dropped() -> None:
+    from chat_protocol.frames import ref_of
+
+    assert ref_of(decode('{"type":"rooms","ref":"ok-1"}')) == "ok-1"
+    assert ref_of(decode('{"type":"rooms","ref":"\\ud800"}')) is None
+    assert ref_of(decode('{"type":"rooms","ref":""}')) is None

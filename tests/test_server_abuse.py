@@ -75,10 +75,13 @@ async def test_oversized_handshake_is_refused(db: Path) -> None:
             await p.say("unaffected")
 
 
-# Frames of every shape: right and wrong types, sizes and strange Unicode.
+# Frames of every shape: right and wrong types, sizes and strange Unicode (lone
+# surrogates included: json.dumps sends them escaped, as a hostile client could).
 TEXT = st.text(
     alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=50
-) | st.sampled_from(["", " ", "\x00", "\u2028", "e\u0301\u0301\u0301", "\u202eabc", "#lobby"])
+) | st.sampled_from(
+    ["", " ", "\x00", "\u2028", "e\u0301\u0301\u0301", "\u202eabc", "#lobby", "\ud800", "a\udfffb"]
+)
 VALUE = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | TEXT,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
