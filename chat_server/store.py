@@ -494,10 +494,6 @@ class Store:
         rows = await self._reader.execute_fetchall("SELECT name FROM rooms ORDER BY name")
         return [str(row[0]) for row in rows]
 
-    async def integrity_check(self) -> str:
-        rows = await self._reader.execute_fetchall("PRAGMA integrity_check")
-        return "; ".join(str(row[0]) for row in rows)
-
 
 def _row(message: StoredMessage) -> tuple[Any, ...]:
     return (
