@@ -67,6 +67,10 @@ class Window:
                 return entry.id
         return 0
 
+    def insert(self, entry: Entry) -> None:
+        """Place an entry by its sort key (message id, then arrival)."""
+        bisect.insort(self.entries, entry, key=lambda e: e.sort)
+
     def lines(self) -> list[Entry]:
         return [*self.entries, *self.pending.values()]
 
@@ -121,7 +125,7 @@ class ChatModel:
             entry.sort = (entry.id, 0)
         else:
             entry.sort = (window.newest_id, self._seq)
-        bisect.insort(window.entries, entry, key=lambda e: e.sort)
+        window.insert(entry)
         if live and entry.window != self.active and entry.kind == EntryKind.MESSAGE:
             window.unread += 1
         self._emit(entry)
@@ -216,7 +220,7 @@ class ChatModel:
             if window.name.startswith("#"):
                 text = "some messages were missed here: /history loads them"
                 entry = Entry(EntryKind.GAP, window.name, text, sort=(before - 1, 0))
-                bisect.insort(window.entries, entry, key=lambda e: e.sort)
+                window.insert(entry)
                 window.gap = (after, before, entry)
                 self._emit(entry)
 
@@ -231,7 +235,7 @@ class ChatModel:
         else:
             window.entries.remove(entry)
             entry.sort = (min(ids) - 1, 0)
-            bisect.insort(window.entries, entry, key=lambda e: e.sort)
+            window.insert(entry)
             window.gap = (after, min(ids), entry)
 
     def _on_presence(self, frame: Frame) -> None:

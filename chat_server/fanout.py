@@ -65,9 +65,12 @@ class Hub:
     def join(self, member: Member, room: str) -> None:
         self.rooms.setdefault(room, {})[member.nick_key] = member
 
+    def is_member(self, member: Member, room: str) -> bool:
+        return self.rooms.get(room, {}).get(member.nick_key) is member
+
     def leave(self, member: Member, room: str) -> None:
-        members = self.rooms.get(room)
-        if members is not None and members.get(member.nick_key) is member:
+        if self.is_member(member, room):
+            members = self.rooms[room]
             del members[member.nick_key]
             if not members:
                 del self.rooms[room]
@@ -79,8 +82,7 @@ class Hub:
         return {room: len(members) for room, members in self.rooms.items()}
 
     def rooms_of(self, member: Member) -> list[str]:
-        key = member.nick_key
-        return [room for room, members in self.rooms.items() if members.get(key) is member]
+        return [room for room in self.rooms if self.is_member(member, room)]
 
     # --- delivery --------------------------------------------------------------------
 

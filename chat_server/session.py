@@ -317,7 +317,7 @@ class Session:
     async def _send(self, send: Send, ref: str | None) -> None:
         recipient_key = recipient = None
         if send.room is not None:
-            if self.ctx.hub.rooms.get(send.room, {}).get(self.nick_key) is not self:
+            if not self.ctx.hub.is_member(self, send.room):
                 message = f"join #{send.room} before sending to it"
                 self.error(ErrorCode.NOT_IN_ROOM, message, ref, cid=send.cid)
                 return
@@ -349,7 +349,7 @@ class Session:
 
     async def _join(self, join: Join, ref: str | None) -> None:
         hub = self.ctx.hub
-        already = hub.rooms.get(join.room, {}).get(self.nick_key) is self
+        already = hub.is_member(self, join.room)
         if not already and len(self.rooms) >= MAX_ROOMS:
             self.error(ErrorCode.TOO_MANY_ROOMS, f"at most {MAX_ROOMS} rooms at once", ref)
             return
@@ -372,7 +372,7 @@ class Session:
 
     async def _leave(self, leave: Leave, ref: str | None) -> None:
         hub = self.ctx.hub
-        if hub.rooms.get(leave.room, {}).get(self.nick_key) is not self:
+        if not hub.is_member(self, leave.room):
             self.error(ErrorCode.NOT_IN_ROOM, f"you are not in #{leave.room}", ref)
             return
         hub.leave(self, leave.room)
