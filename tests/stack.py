@@ -58,6 +58,10 @@ class Stack:
         rows = [json.loads(line) for line in out.splitlines() if line.strip()]
         return sorted(rows, key=lambda r: str(r["Name"]))
 
+    def image(self, service: str) -> str:
+        """The image compose built for a service: named after the project, never shared."""
+        return f"{self.project}-{service}"
+
     def logs(self, service: str) -> str:
         return self.compose("logs", "--no-color", service).replace("\r", "")
 

@@ -181,17 +181,18 @@ async def test_attach_to_a_replica_opens_the_full_screen_ui(stack: Stack) -> Non
 
 
 @pytest.mark.parametrize(
-    ("image", "present", "absent"),
+    ("service", "present", "absent"),
     [
-        ("compose-chat-server", "chat_server", "chat_client"),
-        ("compose-chat-server", "aiosqlite", "prompt_toolkit"),
-        ("compose-chat-client", "chat_client", "chat_server"),
-        ("compose-chat-client", "prompt_toolkit", "aiosqlite"),
+        ("server", "chat_server", "chat_client"),
+        ("server", "aiosqlite", "prompt_toolkit"),
+        ("client", "chat_client", "chat_server"),
+        ("client", "prompt_toolkit", "aiosqlite"),
     ],
 )
 def test_each_image_holds_only_its_side(
-    stack: Stack, image: str, present: str, absent: str
+    stack: Stack, service: str, present: str, absent: str
 ) -> None:
+    image = stack.image(service)
     def importable(module: str) -> bool:
         code = f"import importlib.util, sys; sys.exit(importlib.util.find_spec('{module}') is None)"
         done = subprocess.run(

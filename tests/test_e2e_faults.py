@@ -159,7 +159,7 @@ async def test_disk_full_stops_acks_then_recovers(chaos: Stack) -> None:
         "/data:rw,size=2m,uid=10001",  # owned by the image's user
         "-p",
         f"127.0.0.1:{port}:8765",
-        "compose-chat-server",
+        chaos.image("server"),
     )
     try:
         url = f"ws://127.0.0.1:{port}"
