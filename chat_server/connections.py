@@ -1,0 +1,741 @@
+"""WebSocket connections without a task each: asyncio protocols over websockets' Sans-I/O.
+
+``websockets.asyncio.server.serve`` gives every connection a handler task, its coroutine
+stack, a keepalive task and an asyncio connection object with futures, an assembler and
+a logger adapter. Measured on this machine that is about 12 KiB per idle connection, most
+of what an idle chat server holds. Here each TCP connection is one small
+:class:`asyncio.Protocol` around websockets' own Sans-I/O :class:`ServerProtocol` (the
+library's extension point for other I/O models: it parses HTTP and frames, answers pings
+and closes; nothing of the protocol is written here). An idle connection holds no task
+and no coroutine frame:
+
+- Messages are handed to the connection's :class:`Handler` from ``data_received``. The
+  handler answers synchronously, or returns a coroutine when it has to wait; then the
+  connection runs that one coroutine as a task and keeps later messages in an inbox until
+  it finishes, so a connection's requests are processed one at a time and in order. A
+  long inbox pauses reading from the socket. When the connection closes, the running
+  task is cancelled and the inbox dropped.
+- One sweep for all connections, a few times per second at most, does what per-connection
+  tasks and timers did: handshake deadlines, keepalive (a ping to a connection silent for
+  ``ping_interval``, close 1011 when nothing came back within ``ping_timeout``), the
+  handler's own deadlines (``close_after``) and the closing handshake's timeout.
+- Writes are synchronous: frames go to the socket in one ``transport.write``. A connection
+  with more than ``send_buffer_limit`` bytes waiting to be sent is closed with 1008 (a
+  reader too slow to keep up), and :meth:`Connection.drain` lets a writer that sends a lot
+  at once (a catch-up) wait for the socket, so it is paced by the client's reading.
+
+:class:`WebSocketServer` owns the listening socket, the connections, the per-address
+count, the sweep and shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, cast
+
+from websockets.frames import BINARY, CONT, TEXT, Frame
+from websockets.http11 import SERVER as SERVER_HEADER
+from websockets.http11 import Request, Response
+from websockets.protocol import CLOSED, CONNECTING, OPEN
+from websockets.server import ServerProtocol
+
+log = logging.getLogger(__name__)
+
+#: Close codes this layer sends itself.
+GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
+INVALID_DATA = 1007
+MESSAGE_TOO_BIG = 1009
+INTERNAL_ERROR = 1011
+ABNORMAL_CLOSURE = 1006  # never sent: reported when a connection ends without a close
+
+#: Most fragments one message may arrive in (websockets' own default limit).
+MAX_FRAGMENTS = 4096
+#: Most bytes of HTTP a client may send before its handshake is answered. Real clients
+#: send well under 2 KiB; without a bound a half-open connection could hold up to
+#: websockets' own limits (128 header lines of 8 KiB each).
+MAX_HANDSHAKE_BYTES = 16 * 1024
+
+Message = str | bytes
+Work = Coroutine[Any, Any, None]
+
+
+class Handler(Protocol):
+    """What the layer calls: one handler (a session) per open WebSocket connection."""
+
+    def received(self, message: Message) -> Work | None:
+        """A complete message: text as ``str``, binary as ``bytes``.
+
+        Return ``None`` when it was handled without waiting, or a coroutine to run
+        before the next message is handed over (it runs as a task, cancelled if the
+        connection closes first).
+        """
+
+    def closed(self, code: int, reason: str) -> None:
+        """The WebSocket is no longer open (``code`` 1006: ended without a close frame).
+
+        Called once, soon after it happens (never from inside a write), and after any
+        running coroutine was cancelled. Writes to the connection are ignored from then on.
+        """
+
+
+#: Builds the handler for a connection whose handshake succeeded.
+Opener = Callable[["Connection", Request], Handler]
+#: Answers a handshake request with an HTTP response instead of a WebSocket (``/healthz``),
+#: or returns ``None`` to go on with the handshake; may be a coroutine function.
+Responder = Callable[["Connection", Request], Response | Awaitable[Response | None] | None]
+
+
+class _Partial:
+    """A fragmented message being reassembled."""
+
+    __slots__ = ("count", "data", "text")
+
+    def __init__(self, frame: Frame) -> None:
+        self.data = bytearray(frame.data)
+        self.text = frame.opcode is TEXT
+        self.count = 1
+
+
+class Connection(asyncio.Protocol):
+    """One TCP connection: the handshake, then a WebSocket, fed to websockets' Sans-I/O.
+
+    What a handler uses: :meth:`write`, :attr:`buffered`, :meth:`drain`, :meth:`close`,
+    :meth:`close_after`, :attr:`remote_address`, :attr:`remote` and :attr:`open`.
+    """
+
+    # Slots: this object is most of what an idle connection costs beyond the library's.
+    __slots__ = (
+        "_deadline",
+        "_drain_waiter",
+        "_expire",
+        "_gone",
+        "_inbox",
+        "_partial",
+        "_pinged",
+        "_reading_paused",
+        "_received",
+        "_seen",
+        "_task",
+        "_writing_paused",
+        "handler",
+        "protocol",
+        "remote_address",
+        "server",
+        "transport",
+    )
+
+    def __init__(self, server: WebSocketServer) -> None:
+        self.server = server
+        self.protocol = ServerProtocol(max_size=server.max_size)
+        self.handler: Handler | None = None
+        self.transport: asyncio.Transport | None = None
+        self.remote_address: tuple[Any, ...] | None = None
+        #: Coarse time (the sweep's clock) data last came in; the handshake's start before.
+        self._seen = server.clock
+        #: When a keepalive ping was sent and nothing has come in since (0: none).
+        self._pinged = 0.0
+        #: When the sweep acts on this connection (0: never), and how: close with a code
+        #: and reason, or abort the TCP connection (None).
+        self._deadline = server.loop.time() + server.handshake_timeout
+        self._expire: tuple[int, str] | None = None
+        #: Bytes of HTTP received before the handshake was answered.
+        self._received = 0
+        self._partial: _Partial | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._inbox: deque[Message] | None = None
+        self._reading_paused = False
+        self._writing_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        #: True once the WebSocket left the OPEN state and the handler was told.
+        self._gone = False
+
+    # --- what a handler uses ----------------------------------------------------------
+
+    @property
+    def open(self) -> bool:
+        return self.protocol.state is OPEN and not self._gone
+
+    @property
+    def remote(self) -> str:
+        """``host:port`` of the client, for logs."""
+        address = self.remote_address
+        return f"{address[0]}:{address[1]}" if address else "?"
+
+    @property
+    def remote_host(self) -> str:
+        address = self.remote_address
+        return str(address[0]) if address else "?"
+
+    @property
+    def buffered(self) -> int:
+        """Bytes written but not yet handed to the kernel."""
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def write(self, frames: list[bytes]) -> None:
+        """Send each item (UTF-8 text) as a text frame, all in one socket write.
+
+        Never waits; ignored once the connection is not open. A connection whose unsent
+        data passes ``send_buffer_limit`` is closed with 1008 (see :meth:`drain`).
+        """
+        protocol = self.protocol
+        if protocol.state is not OPEN or self._gone or not frames:
+            return
+        for data in frames:
+            protocol.send_text(data)
+        self._flush()
+        transport = self.transport
+        limit = self.server.send_buffer_limit
+        if transport is not None and transport.get_write_buffer_size() > limit:
+            self.close(POLICY_VIOLATION, f"too slow: over {limit} bytes waiting to be sent")
+
+    async def drain(self) -> None:
+        """Wait while the socket's send buffer is over its high-water mark.
+
+        A writer that sends a lot at once awaits this between parts, so that it goes at
+        the pace the client reads and never trips ``send_buffer_limit``. Returns at once
+        when the buffer is low or the connection has closed.
+        """
+        if not self._writing_paused or self.transport is None:
+            return
+        waiter = self._drain_waiter
+        if waiter is None:
+            waiter = self._drain_waiter = self.server.loop.create_future()
+        await asyncio.shield(waiter)
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake; the TCP connection is aborted if the client does
+        not finish it within ``close_timeout``. Does nothing when already closing."""
+        protocol = self.protocol
+        if protocol.state is OPEN:
+            protocol.send_close(code, reason)
+            self._flush()
+            self._left_open()
+        elif protocol.state is CONNECTING and self.transport is not None:
+            self.transport.abort()
+
+    def close_after(
+        self, delay: float | None, code: int = POLICY_VIOLATION, reason: str = ""
+    ) -> None:
+        """Close with ``code`` unless called again with ``None`` within ``delay`` seconds.
+
+        One deadline per connection (a new call replaces it), checked by the server's
+        sweep, so it costs no timer; its precision is the sweep's ``tick``.
+        """
+        if self.protocol.state is not OPEN or self._gone:
+            return
+        if delay is None:
+            self._deadline, self._expire = 0.0, None
+        else:
+            self._deadline = self.server.loop.time() + delay
+            self._expire = (code, reason)
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        server = self.server
+        self.remote_address = transport.get_extra_info("peername")
+        transport.set_write_buffer_limits(server.write_limit)
+        count = server.added(self)
+        limit = server.max_connections_per_address
+        if limit and count > 2 * limit:
+            # Past the limit a handshake can only be refused (429); this far past it the
+            # connection is not even given the time to send one: file descriptors are few.
+            log.debug("dropped a connection from %s: %d open from it", self.remote_host, count)
+            transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        protocol = self.protocol
+        if protocol.state is CONNECTING:
+            self._received += len(data)
+            if self._received > MAX_HANDSHAKE_BYTES and not protocol.eof_sent:
+                self._refuse_handshake()
+                return
+        else:
+            self._seen = self.server.clock
+            self._pinged = 0.0
+        protocol.receive_data(data)
+        events = protocol.events_received()
+        self._flush()  # pongs, the echo of a close frame, a close after a protocol error
+        for event in events:
+            if isinstance(event, Frame):
+                if protocol.state is not OPEN or self._gone:
+                    break  # closing: what comes after a close is ignored
+                self._frame(event)
+            else:
+                self._handshake(cast(Request, event))
+        if protocol.state is not OPEN and protocol.state is not CONNECTING:
+            self._left_open()
+
+    def eof_received(self) -> None:
+        self.protocol.receive_eof()
+        self._flush()
+        self._left_open()
+        # Returning None lets the transport close: WebSocket never writes after EOF.
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.protocol.receive_eof()  # idempotent; the state is now CLOSED
+        self._left_open()
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self.server.removed(self)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- the handshake ----------------------------------------------------------------
+
+    def _handshake(self, request: Request) -> None:
+        responder = self.server.responder
+        try:
+            response = responder(self, request) if responder is not None else None
+        except Exception:
+            log.exception("answering a handshake from %s failed", self.remote)
+            response = self._internal_error()
+        if isinstance(response, Awaitable):
+            # Only for plain HTTP requests such as /healthz: not on the WebSocket path.
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self.server.spawn(self._respond_later(request, response))
+        else:
+            self._respond(request, response)
+
+    async def _respond_later(self, request: Request, pending: Awaitable[Response | None]) -> None:
+        try:
+            response = await pending
+        except Exception:
+            log.exception("answering a handshake from %s failed", self.remote)
+            response = self._internal_error()
+        if self.protocol.state is CONNECTING and self.transport is not None:
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+            self._respond(request, response)
+
+    def _respond(self, request: Request, response: Response | None) -> None:
+        protocol = self.protocol
+        server = self.server
+        if response is None:
+            limit = server.max_connections_per_address
+            host = self.remote_host
+            if limit and server.per_address.get(host, 0) > limit:
+                log.warning("refused %s: already %d connections from it", host, limit)
+                text = f"too many connections from {host} (limit {limit})\n"
+                response = protocol.reject(http.HTTPStatus.TOO_MANY_REQUESTS, text)
+            elif not server.serving:
+                response = protocol.reject(
+                    http.HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down\n"
+                )
+            else:
+                response = protocol.accept(request)
+        response.headers["Server"] = SERVER_HEADER
+        protocol.send_response(response)
+        self._flush()
+        if protocol.state is not OPEN:
+            # Refused: the response was followed by EOF; the client closes its side.
+            self._deadline = server.loop.time() + server.close_timeout
+            self._expire = None
+            return
+        self._deadline, self._expire = 0.0, None
+        self._seen = server.clock
+        try:
+            self.handler = server.opener(self, request)
+        except Exception:
+            log.exception("opening a session for %s failed", self.remote)
+            self.close(INTERNAL_ERROR, "internal error")
+        # websockets' parser generator keeps the request as a local for the connection's
+        # life: its headers (about 2 KiB) are freed here, once the opener has read them.
+        request.headers.clear()
+
+    def _internal_error(self) -> Response:
+        return self.protocol.reject(
+            http.HTTPStatus.INTERNAL_SERVER_ERROR, "failed to answer; see the server log\n"
+        )
+
+    def _refuse_handshake(self) -> None:
+        protocol = self.protocol
+        response = protocol.reject(
+            http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+            f"handshake over {MAX_HANDSHAKE_BYTES} bytes\n",
+        )
+        response.headers["Server"] = SERVER_HEADER
+        protocol.send_response(response)
+        self._flush()
+        self._deadline = self.server.loop.time() + self.server.close_timeout
+        self._expire = None
+
+    # --- messages in --------------------------------------------------------------------
+
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is TEXT or opcode is BINARY:
+            if not frame.fin:
+                self._partial = _Partial(frame)
+                return
+            data: bytes | bytearray | memoryview = frame.data
+            text = opcode is TEXT
+        elif opcode is CONT:
+            partial = self._partial
+            if partial is None:  # the Sans-I/O parser refuses this before it gets here
+                return
+            partial.data += frame.data
+            partial.count += 1
+            if partial.count > MAX_FRAGMENTS:
+                self._fail(MESSAGE_TOO_BIG, "too many fragments")
+                return
+            if not frame.fin:
+                return
+            self._partial = None
+            data, text = partial.data, partial.text
+        else:
+            return  # ping, pong and close are answered by the Sans-I/O protocol
+        if text:
+            try:
+                message: Message = str(data, "utf-8")
+            except UnicodeDecodeError as exc:
+                self._fail(INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                return
+        else:
+            message = bytes(data)
+        self._deliver(message)
+
+    def _deliver(self, message: Message) -> None:
+        inbox = self._inbox
+        if inbox is not None:  # busy: a coroutine runs, or messages wait for it
+            inbox.append(message)
+            if len(inbox) >= self.server.inbox_limit and not self._reading_paused:
+                self._reading_paused = True
+                assert self.transport is not None
+                self.transport.pause_reading()
+            return
+        work = self._call(message)
+        if work is not None:
+            self._inbox = deque()
+            self._run(work)
+
+    def _call(self, message: Message) -> Work | None:
+        handler = self.handler
+        if handler is None or self._gone:
+            return None
+        try:
+            return handler.received(message)
+        except Exception:
+            # A bug in one request must not take the connection or the server with it.
+            log.exception("handling a message from %s failed", self.remote)
+            return None
+
+    def _run(self, work: Work) -> None:
+        task = self.server.spawn(work)
+        self._task = task
+        task.add_done_callback(self._ran)
+
+    def _ran(self, task: asyncio.Task[None]) -> None:
+        if task is not self._task:
+            return  # cancelled because the connection closed
+        self._task = None
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("handling a message from %s failed", self.remote, exc_info=exc)
+        inbox = self._inbox
+        while inbox:
+            message = inbox.popleft()
+            if self._reading_paused and len(inbox) <= self.server.inbox_limit // 4:
+                self._reading_paused = False
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.resume_reading()
+            work = self._call(message)
+            if self._inbox is not inbox:
+                return  # the connection closed while handling it
+            if work is not None:
+                self._run(work)
+                return
+        self._inbox = None  # idle again: no task, no inbox
+
+    # --- messages out and closing -------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Hand what the Sans-I/O protocol wants sent to the socket, in one write."""
+        chunks = self.protocol.data_to_send()
+        transport = self.transport
+        if not chunks or transport is None or transport.is_closing():
+            return
+        eof = not chunks[-1]
+        data = b"".join(chunks)
+        if data:
+            transport.write(data)
+        if eof:
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+
+    def _fail(self, code: int, reason: str) -> None:
+        self.protocol.fail(code, reason)
+        self._flush()
+        self._left_open()
+
+    def _left_open(self) -> None:
+        """The WebSocket left the OPEN state: stop the handler's work and tell it, once."""
+        if self._gone or self.protocol.state is OPEN:
+            return
+        was_open = self.handler is not None
+        self._gone = True
+        self._partial = None
+        self._inbox = None
+        transport = self.transport
+        if self._reading_paused and transport is not None and not transport.is_closing():
+            self._reading_paused = False
+            transport.resume_reading()  # the client's side of the closing handshake
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+        if self.protocol.close_expected():
+            # Wait for the client's side of the closing handshake, but not for ever.
+            self._deadline = self.server.loop.time() + self.server.close_timeout
+            self._expire = None
+        if was_open:
+            code, reason = self._close_status()
+            self.server.loop.call_soon(self._tell_closed, code, reason)
+
+    def _tell_closed(self, code: int, reason: str) -> None:
+        handler = self.handler
+        self.handler = None
+        if handler is not None:
+            try:
+                handler.closed(code, reason)
+            except Exception:
+                log.exception("closing the session of %s failed", self.remote)
+
+    def _close_status(self) -> tuple[int, str]:
+        """The close that ended the connection: ours if we sent one first, else theirs."""
+        protocol = self.protocol
+        sent, rcvd = protocol.close_sent, protocol.close_rcvd
+        if sent is not None and protocol.close_rcvd_then_sent is not True:
+            return sent.code, sent.reason
+        if rcvd is not None:
+            return rcvd.code, rcvd.reason
+        return ABNORMAL_CLOSURE, ""
+
+    def _expired(self, now: float) -> None:
+        """The deadline passed: close as the handler asked, or drop the TCP connection."""
+        self._deadline = 0.0
+        expire, self._expire = self._expire, None
+        if expire is not None and self.protocol.state is OPEN:
+            self.close(*expire)
+        elif self.transport is not None:
+            self.transport.abort()
+
+    def _keepalive(self, now: float) -> None:
+        """Ping a silent connection; fail it with 1011 when the ping went unanswered."""
+        server = self.server
+        if self._pinged:
+            if server.ping_timeout and now - self._pinged >= server.ping_timeout:
+                self._fail(INTERNAL_ERROR, "keepalive ping timeout")
+                # Nothing came back for a whole timeout: do not wait for a closing
+                # handshake too, close (and abort, if even that cannot flush in time).
+                if self.transport is not None:
+                    self.transport.close()
+        elif now - self._seen >= server.ping_interval:
+            self.protocol.send_ping(b"")
+            self._flush()
+            self._pinged = now
+
+
+class WebSocketServer:
+    """The listening socket, every connection, the per-address count, the sweep, shutdown.
+
+    ``opener`` builds a connection's handler once its handshake succeeds; ``responder``
+    may answer a handshake request with plain HTTP instead (``process_request`` in
+    websockets' terms). A WebSocket handshake from an address that already has more than
+    ``max_connections_per_address`` TCP connections open (0: no limit) is answered 429.
+    """
+
+    def __init__(
+        self,
+        opener: Opener,
+        *,
+        responder: Responder | None = None,
+        max_size: int = 2**20,
+        ping_interval: float = 20.0,
+        ping_timeout: float = 20.0,
+        close_timeout: float = 5.0,
+        handshake_timeout: float = 10.0,
+        send_buffer_limit: int = 2**20,
+        max_connections_per_address: int = 0,
+        write_limit: int = 32 * 1024,
+        inbox_limit: int = 16,
+        tick: float = 1.0,
+    ) -> None:
+        self.opener = opener
+        self.responder = responder
+        self.max_size = max_size
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.close_timeout = close_timeout
+        self.handshake_timeout = handshake_timeout
+        self.send_buffer_limit = send_buffer_limit
+        self.max_connections_per_address = max_connections_per_address
+        self.write_limit = write_limit
+        self.inbox_limit = inbox_limit
+        self.tick = tick
+        self.loop = asyncio.get_running_loop()
+        #: The sweep's clock: loop.time() at the last sweep, read instead of the clock.
+        self.clock = self.loop.time()
+        self.connections: set[Connection] = set()
+        #: Open TCP connections per remote host, handshakes included.
+        self.per_address: dict[str, int] = {}
+        #: Running tasks: a session's current request, a handshake answered later.
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.serving = False
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        #: Set during shutdown when the last connection is gone.
+        self._emptied: asyncio.Event | None = None
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        return tuple(self._server.sockets) if self._server is not None else ()
+
+    @property
+    def port(self) -> int:
+        return int(self.sockets[0].getsockname()[1])
+
+    async def listen(self, host: str | None, port: int, **kwargs: Any) -> None:
+        self._server = await self.loop.create_server(lambda: Connection(self), host, port, **kwargs)
+        self.serving = True
+        self._sweeper = self.loop.create_task(self._sweep_forever(), name="ws-sweep")
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a coroutine that belongs to a connection; shutdown waits for it."""
+        task = self.loop.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # --- bookkeeping, called by connections -------------------------------------------
+
+    def added(self, connection: Connection) -> int:
+        """Count a new TCP connection; returns how many its address now has open."""
+        self.connections.add(connection)
+        host = connection.remote_host
+        count = self.per_address[host] = self.per_address.get(host, 0) + 1
+        return count
+
+    def removed(self, connection: Connection) -> None:
+        if connection in self.connections:
+            self.connections.discard(connection)
+            host = connection.remote_host
+            count = self.per_address.get(host, 0) - 1
+            if count > 0:
+                self.per_address[host] = count
+            else:
+                self.per_address.pop(host, None)
+            if not self.connections and self._emptied is not None:
+                self._emptied.set()
+
+    # --- the sweep ----------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            try:
+                self.sweep()
+            except Exception:  # the sweep must outlive any one connection's trouble
+                log.exception("connection sweep failed")
+
+    def sweep(self) -> None:
+        """Deadlines and keepalive for every connection, in one pass."""
+        now = self.clock = self.loop.time()
+        keepalive = self.ping_interval > 0
+        for connection in list(self.connections):
+            deadline = connection._deadline
+            if deadline and now >= deadline:
+                connection._expired(now)
+            elif (
+                keepalive
+                and connection.protocol.state is OPEN
+                and not connection._gone
+                and not connection._reading_paused  # its pongs wait behind its requests
+            ):
+                connection._keepalive(now)
+
+    # --- shutdown -------------------------------------------------------------------------
+
+    async def shutdown(
+        self, code: int = GOING_AWAY, reason: str = "server shutting down", grace: float = 1.0
+    ) -> None:
+        """Stop accepting, close every open connection with ``code``, abort handshakes at
+        once and connections that do not finish closing within ``grace`` seconds, then
+        wait for the connections' tasks. Returns within about ``grace`` + 1 s."""
+        self.serving = False
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            if connection.protocol.state is OPEN:
+                connection.close(code, reason)
+            elif connection.protocol.state is CONNECTING and connection.transport is not None:
+                connection.transport.abort()
+        self._emptied = emptied = asyncio.Event()
+        if not self.connections:
+            emptied.set()
+        await self._until(emptied, grace)
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self._until(emptied, 0.5)  # aborted transports call connection_lost soon
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            _, pending = await asyncio.wait(list(self.tasks), timeout=1.0)
+            for task in pending:
+                log.error("a session task did not stop on cancellation: %r", task)
+        if self._sweeper is not None:
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+        if self.connections:
+            log.warning("%d connections still open after shutdown", len(self.connections))
+
+    @staticmethod
+    async def _until(event: asyncio.Event, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await event.wait()
+        except TimeoutError:
+            pass
+
+    @property
+    def open_count(self) -> int:
+        return sum(1 for c in self.connections if c.protocol.state is OPEN)
+
+    def states(self) -> dict[str, int]:
+        """How many connections are in each state (for tests and logs)."""
+        counts: dict[str, int] = {}
+        for connection in self.connections:
+            name = connection.protocol.state.name
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+
+__all__ = [
+    "CLOSED",
+    "Connection",
+    "Handler",
+    "Message",
+    "Opener",
+    "Responder",
+    "WebSocketServer",
+    "Work",
+]
