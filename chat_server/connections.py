@@ -6,23 +6,21 @@ a logger adapter. Measured on this machine that is about 12 KiB per idle connect
 of what an idle chat server holds. Here each TCP connection is one small
 :class:`asyncio.Protocol` around websockets' own Sans-I/O :class:`ServerProtocol` (the
 library's extension point for other I/O models: it parses HTTP and frames, answers pings
-and closes; nothing of the protocol is written here). An idle connection holds no task
-and no coroutine frame:
+and closes; nothing of the protocol is written here). An idle connection holds no task,
+no coroutine frame and no timer:
 
-- Messages are handed to the connection's :class:`Handler` from ``data_received``. The
-  handler answers synchronously, or returns a coroutine when it has to wait; then the
-  connection runs that one coroutine as a task and keeps later messages in an inbox until
-  it finishes, so a connection's requests are processed one at a time and in order. A
-  long inbox pauses reading from the socket. When the connection closes, the running
-  task is cancelled and the inbox dropped.
+- Whole messages are handed to the connection's :class:`Handler` from ``data_received``.
+  A handler that has work to finish first says :meth:`Connection.pause_reading`; later
+  messages then wait in an inbox, and a long inbox pauses reading from the socket (the
+  client's TCP window does the rest), until :meth:`Connection.resume_reading`.
 - One sweep for all connections, a few times per second at most, does what per-connection
   tasks and timers did: handshake deadlines, keepalive (a ping to a connection silent for
   ``ping_interval``, close 1011 when nothing came back within ``ping_timeout``), the
-  handler's own deadlines (``close_after``) and the closing handshake's timeout.
+  handler's own deadline (:meth:`Connection.close_after`) and the closing handshake's.
 - Writes are synchronous: frames go to the socket in one ``transport.write``. A connection
   with more than ``send_buffer_limit`` bytes waiting to be sent is closed with 1008 (a
   reader too slow to keep up), and :meth:`Connection.drain` lets a writer that sends a lot
-  at once (a catch-up) wait for the socket, so it is paced by the client's reading.
+  at once (a catch-up) wait for the socket, so it goes at the pace the client reads.
 
 :class:`WebSocketServer` owns the listening socket, the connections, the per-address
 count, the sweep and shutdown.
@@ -34,13 +32,13 @@ import asyncio
 import http
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol, cast
 
 from websockets.frames import BINARY, CONT, TEXT, Frame
 from websockets.http11 import SERVER as SERVER_HEADER
 from websockets.http11 import Request, Response
-from websockets.protocol import CLOSED, CONNECTING, OPEN
+from websockets.protocol import CONNECTING, OPEN
 from websockets.server import ServerProtocol
 
 log = logging.getLogger(__name__)
@@ -61,25 +59,19 @@ MAX_FRAGMENTS = 4096
 MAX_HANDSHAKE_BYTES = 16 * 1024
 
 Message = str | bytes
-Work = Coroutine[Any, Any, None]
 
 
 class Handler(Protocol):
     """What the layer calls: one handler (a session) per open WebSocket connection."""
 
-    def received(self, message: Message) -> Work | None:
-        """A complete message: text as ``str``, binary as ``bytes``.
-
-        Return ``None`` when it was handled without waiting, or a coroutine to run
-        before the next message is handed over (it runs as a task, cancelled if the
-        connection closes first).
-        """
+    def received(self, message: Message) -> None:
+        """A whole message: text as ``str``, binary as ``bytes``. Never waits."""
 
     def closed(self, code: int, reason: str) -> None:
         """The WebSocket is no longer open (``code`` 1006: ended without a close frame).
 
-        Called once, soon after it happens (never from inside a write), and after any
-        running coroutine was cancelled. Writes to the connection are ignored from then on.
+        Called once, soon after it happens but never from inside one of the connection's
+        own calls; writes are ignored from then on. A handler cancels its work here.
         """
 
 
@@ -104,8 +96,9 @@ class _Partial:
 class Connection(asyncio.Protocol):
     """One TCP connection: the handshake, then a WebSocket, fed to websockets' Sans-I/O.
 
-    What a handler uses: :meth:`write`, :attr:`buffered`, :meth:`drain`, :meth:`close`,
-    :meth:`close_after`, :attr:`remote_address`, :attr:`remote` and :attr:`open`.
+    What a handler uses: :meth:`write`, :meth:`buffered`, :meth:`drain`, :meth:`close`,
+    :meth:`close_after`, :meth:`pause_reading` and :meth:`resume_reading`, :meth:`spawn`,
+    and :attr:`ip`, :attr:`remote`, :attr:`open`.
     """
 
     # Slots: this object is most of what an idle connection costs beyond the library's.
@@ -114,13 +107,13 @@ class Connection(asyncio.Protocol):
         "_drain_waiter",
         "_expire",
         "_gone",
+        "_held",
         "_inbox",
         "_partial",
         "_pinged",
         "_reading_paused",
         "_received",
         "_seen",
-        "_task",
         "_writing_paused",
         "handler",
         "protocol",
@@ -146,8 +139,11 @@ class Connection(asyncio.Protocol):
         #: Bytes of HTTP received before the handshake was answered.
         self._received = 0
         self._partial: _Partial | None = None
-        self._task: asyncio.Task[None] | None = None
+        #: Messages waiting while the handler holds them back (None: none, the usual case).
         self._inbox: deque[Message] | None = None
+        #: The handler asked not to be given messages (pause_reading).
+        self._held = False
+        #: Reading from the socket is paused: the inbox is long.
         self._reading_paused = False
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -167,17 +163,17 @@ class Connection(asyncio.Protocol):
         return f"{address[0]}:{address[1]}" if address else "?"
 
     @property
-    def remote_host(self) -> str:
+    def ip(self) -> str:
+        """The client's address (what per-address limits count)."""
         address = self.remote_address
         return str(address[0]) if address else "?"
 
-    @property
     def buffered(self) -> int:
         """Bytes written but not yet handed to the kernel."""
         transport = self.transport
         return transport.get_write_buffer_size() if transport is not None else 0
 
-    def write(self, frames: list[bytes]) -> None:
+    def write(self, frames: Sequence[bytes]) -> None:
         """Send each item (UTF-8 text) as a text frame, all in one socket write.
 
         Never waits; ignored once the connection is not open. A connection whose unsent
@@ -219,6 +215,21 @@ class Connection(asyncio.Protocol):
         elif protocol.state is CONNECTING and self.transport is not None:
             self.transport.abort()
 
+    def pause_reading(self) -> None:
+        """Hand over no more messages until :meth:`resume_reading`; they wait in order."""
+        self._held = True
+
+    def resume_reading(self) -> None:
+        """Hand over the messages that waited, soon (not from inside this call)."""
+        if self._held:
+            self._held = False
+            if self._inbox:
+                self.server.loop.call_soon(self._feed)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a coroutine for this connection as a task that shutdown waits for."""
+        return self.server.spawn(coroutine)
+
     def close_after(
         self, delay: float | None, code: int = POLICY_VIOLATION, reason: str = ""
     ) -> None:
@@ -247,7 +258,7 @@ class Connection(asyncio.Protocol):
         if limit and count > 2 * limit:
             # Past the limit a handshake can only be refused (429); this far past it the
             # connection is not even given the time to send one: file descriptors are few.
-            log.debug("dropped a connection from %s: %d open from it", self.remote_host, count)
+            log.debug("dropped a connection from %s: %d open from it", self.ip, count)
             transport.abort()
 
     def data_received(self, data: bytes) -> None:
@@ -329,7 +340,7 @@ class Connection(asyncio.Protocol):
         server = self.server
         if response is None:
             limit = server.max_connections_per_address
-            host = self.remote_host
+            host = self.ip
             if limit and server.per_address.get(host, 0) > limit:
                 log.warning("refused %s: already %d connections from it", host, limit)
                 text = f"too many connections from {host} (limit {limit})\n"
@@ -413,54 +424,38 @@ class Connection(asyncio.Protocol):
 
     def _deliver(self, message: Message) -> None:
         inbox = self._inbox
-        if inbox is not None:  # busy: a coroutine runs, or messages wait for it
+        if self._held or inbox:
+            if inbox is None:
+                inbox = self._inbox = deque()
             inbox.append(message)
             if len(inbox) >= self.server.inbox_limit and not self._reading_paused:
                 self._reading_paused = True
                 assert self.transport is not None
                 self.transport.pause_reading()
             return
-        work = self._call(message)
-        if work is not None:
-            self._inbox = deque()
-            self._run(work)
+        self._call(message)
 
-    def _call(self, message: Message) -> Work | None:
+    def _feed(self) -> None:
+        """Hand over waiting messages while the handler takes them."""
+        inbox = self._inbox
+        while inbox and not self._held and not self._gone:
+            self._call(inbox.popleft())
+        if self._inbox is inbox and not inbox:
+            self._inbox = None
+        if self._reading_paused and len(self._inbox or ()) <= self.server.inbox_limit // 4:
+            self._reading_paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def _call(self, message: Message) -> None:
         handler = self.handler
         if handler is None or self._gone:
-            return None
+            return
         try:
-            return handler.received(message)
+            handler.received(message)
         except Exception:
             # A bug in one request must not take the connection or the server with it.
             log.exception("handling a message from %s failed", self.remote)
-            return None
-
-    def _run(self, work: Work) -> None:
-        task = self.server.spawn(work)
-        self._task = task
-        task.add_done_callback(self._ran)
-
-    def _ran(self, task: asyncio.Task[None]) -> None:
-        if task is not self._task:
-            return  # cancelled because the connection closed
-        self._task = None
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("handling a message from %s failed", self.remote, exc_info=exc)
-        inbox = self._inbox
-        while inbox:
-            message = inbox.popleft()
-            if self._reading_paused and len(inbox) <= self.server.inbox_limit // 4:
-                self._reading_paused = False
-                if self.transport is not None and not self.transport.is_closing():
-                    self.transport.resume_reading()
-            work = self._call(message)
-            if self._inbox is not inbox:
-                return  # the connection closed while handling it
-            if work is not None:
-                self._run(work)
-                return
-        self._inbox = None  # idle again: no task, no inbox
 
     # --- messages out and closing -------------------------------------------------------
 
@@ -497,9 +492,6 @@ class Connection(asyncio.Protocol):
         if self._reading_paused and transport is not None and not transport.is_closing():
             self._reading_paused = False
             transport.resume_reading()  # the client's side of the closing handshake
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
         if self.protocol.close_expected():
             # Wait for the client's side of the closing handshake, but not for ever.
             self._deadline = self.server.loop.time() + self.server.close_timeout
@@ -620,22 +612,27 @@ class WebSocketServer:
         """Run a coroutine that belongs to a connection; shutdown waits for it."""
         task = self.loop.create_task(coroutine)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._finished)
         return task
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("a connection's task failed", exc_info=exc)
 
     # --- bookkeeping, called by connections -------------------------------------------
 
     def added(self, connection: Connection) -> int:
         """Count a new TCP connection; returns how many its address now has open."""
         self.connections.add(connection)
-        host = connection.remote_host
+        host = connection.ip
         count = self.per_address[host] = self.per_address.get(host, 0) + 1
         return count
 
     def removed(self, connection: Connection) -> None:
         if connection in self.connections:
             self.connections.discard(connection)
-            host = connection.remote_host
+            host = connection.ip
             count = self.per_address.get(host, 0) - 1
             if count > 0:
                 self.per_address[host] = count
@@ -730,12 +727,10 @@ class WebSocketServer:
 
 
 __all__ = [
-    "CLOSED",
     "Connection",
     "Handler",
     "Message",
     "Opener",
     "Responder",
     "WebSocketServer",
-    "Work",
 ]

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Any
@@ -20,7 +20,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Request, Response
 
-from chat_server.connections import Connection, Message, WebSocketServer, Work
+from chat_server.connections import Connection, Message, WebSocketServer
 
 
 class App:
@@ -52,37 +52,47 @@ class App:
 
 
 class Recorder:
-    """Echoes text; ``wait`` blocks until released; ``bulk:...`` writes a lot."""
+    """Echoes text. ``wait`` and ``bulk:...`` have work to finish before the next
+    message, as a session does: they hold messages back and run a task meanwhile."""
 
     def __init__(self, app: App, connection: Connection, path: str) -> None:
         self.app = app
         self.connection = connection
         self.path = path
         self.closed_with: tuple[int, str] | None = None
+        self.task: asyncio.Task[None] | None = None
         self.concurrent = 0
         self.most_concurrent = 0
         if path == "/deadline":
             connection.close_after(0.3, 1008, "no hello in time")
 
-    def received(self, message: Message) -> Work | None:
+    def received(self, message: Message) -> None:
+        assert self.task is None, "a message was handed over while the handler held them"
         if isinstance(message, bytes):
             self.connection.write([b"binary:%d" % len(message)])
-            return None
-        if message == "wait":
-            return self._wait()
-        if message == "hello":
+        elif message == "wait":
+            self._start(self._wait())
+        elif message == "hello":
             self.connection.close_after(None)
             self.connection.write([b"welcome"])
-            return None
-        if message == "boom":
+        elif message == "boom":
             raise RuntimeError("a bug in one request")
-        if message == "async-boom":
-            return self._boom()
-        if message.startswith("bulk:"):
+        elif message == "async-boom":
+            self.connection.spawn(self._boom())
+        elif message.startswith("bulk:"):
             _, count, size, drain = message.split(":")
-            return self._bulk(int(count), int(size), drain == "drain")
-        self.connection.write([message.encode()])
-        return None
+            self._start(self._bulk(int(count), int(size), drain == "drain"))
+        else:
+            self.connection.write([message.encode()])
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        self.connection.pause_reading()
+        self.task = self.connection.spawn(self._then_resume(work))
+
+    async def _then_resume(self, work: Coroutine[Any, Any, None]) -> None:
+        await work
+        self.task = None
+        self.connection.resume_reading()
 
     async def _wait(self) -> None:
         self.concurrent += 1
@@ -111,6 +121,8 @@ class Recorder:
     def closed(self, code: int, reason: str) -> None:
         assert self.closed_with is None, "closed() twice"
         self.closed_with = (code, reason)
+        if self.task is not None:
+            self.task.cancel()
 
 
 @asynccontextmanager
@@ -218,7 +230,7 @@ async def test_a_failing_request_costs_only_itself(caplog: pytest.LogCaptureFixt
 # --- one request at a time, no task when idle ------------------------------------------
 
 
-async def test_requests_run_in_order_one_at_a_time_and_a_long_inbox_pauses_reading() -> None:
+async def test_held_messages_wait_in_order_and_a_long_inbox_pauses_reading() -> None:
     async with layer(inbox_limit=16) as (server, app), connect(ws_url(server)) as ws:
         await ws.send("wait")
         for n in range(500):
@@ -232,11 +244,12 @@ async def test_requests_run_in_order_one_at_a_time_and_a_long_inbox_pauses_readi
         assert not connection.transport.is_reading(), "a long inbox must pause reading"
         assert connection._inbox is not None and len(connection._inbox) < 500
         app.release.set()
-        replies = [await ws.recv() for _ in range(503)]
+        async with asyncio.timeout(10):
+            replies = [await ws.recv() for _ in range(503)]
         assert replies == ["waited", *[f"m{n}" for n in range(500)], "waited", "last"]
         assert handler.most_concurrent == 1
         assert connection.transport.is_reading()
-        assert connection._task is None and connection._inbox is None
+        assert connection._inbox is None
 
 
 async def test_idle_connections_hold_no_task() -> None:
@@ -248,14 +261,14 @@ async def test_idle_connections_hold_no_task() -> None:
                 await ws.send("hi")
                 assert await ws.recv() == "hi"
             app.release.set()
-            await clients[0].send("wait")  # a request that awaits: a task while it runs
+            await clients[0].send("wait")  # work that awaits: a task while it runs
             assert await clients[0].recv() == "waited"
             await asyncio.sleep(0.05)
             # The clients' own tasks are not counted: websockets' client has none idle
             # either when its keepalive is off. The server side must hold none at all.
             assert len(asyncio.all_tasks()) == before
             assert not server.tasks
-            assert all(c._task is None and c._inbox is None for c in server.connections)
+            assert all(c._inbox is None for c in server.connections)
         finally:
             for ws in clients:
                 await ws.close()
