@@ -57,6 +57,10 @@ MAX_FRAGMENTS = 4096
 #: send well under 2 KiB; without a bound a half-open connection could hold up to
 #: websockets' own limits (128 header lines of 8 KiB each).
 MAX_HANDSHAKE_BYTES = 16 * 1024
+#: Bytes handed to the frame parser at a time. While messages wait in the inbox, what
+#: was read but not parsed stays bytes: a 256 KiB read of tiny frames would otherwise
+#: become tens of thousands of strings at once, whatever the inbox limit.
+PARSE_SLICE = 4096
 
 Message = str | bytes
 
@@ -114,6 +118,7 @@ class Connection(asyncio.Protocol):
         "_reading_paused",
         "_received",
         "_seen",
+        "_unread",
         "_writing_paused",
         "handler",
         "protocol",
@@ -145,6 +150,8 @@ class Connection(asyncio.Protocol):
         self._held = False
         #: Reading from the socket is paused: the inbox is long.
         self._reading_paused = False
+        #: Bytes read but not yet parsed, kept while the inbox is long (None: none).
+        self._unread: bytes | None = None
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         #: True once the WebSocket left the OPEN state and the handler was told.
@@ -271,16 +278,35 @@ class Connection(asyncio.Protocol):
         else:
             self._seen = self.server.clock
             self._pinged = 0.0
-        protocol.receive_data(data)
-        events = protocol.events_received()
-        self._flush()  # pongs, the echo of a close frame, a close after a protocol error
-        for event in events:
-            if isinstance(event, Frame):
-                if protocol.state is not OPEN or self._gone:
-                    break  # closing: what comes after a close is ignored
-                self._frame(event)
-            else:
-                self._handshake(cast(Request, event))
+        if self._unread is not None:  # reading is paused; a read already under way
+            self._unread += data
+            return
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
+        """Feed bytes to the Sans-I/O protocol and act on what it found, a slice at a
+        time; stop, keeping the rest as bytes, once the inbox is long."""
+        protocol = self.protocol
+        size = len(data)
+        start = 0
+        while True:
+            end = start + PARSE_SLICE
+            protocol.receive_data(data if start == 0 and end >= size else data[start:end])
+            events = protocol.events_received()
+            self._flush()  # pongs, the echo of a close frame, a close after an error
+            for event in events:
+                if isinstance(event, Frame):
+                    if protocol.state is not OPEN or self._gone:
+                        break  # closing: what comes after a close is ignored
+                    self._frame(event)
+                else:
+                    self._handshake(cast(Request, event))
+            start = end
+            if start >= size:
+                break
+            if self._reading_paused:
+                self._unread = data[start:]
+                break
         if protocol.state is not OPEN and protocol.state is not CONNECTING:
             self._left_open()
 
@@ -436,13 +462,30 @@ class Connection(asyncio.Protocol):
         self._call(message)
 
     def _feed(self) -> None:
-        """Hand over waiting messages while the handler takes them."""
-        inbox = self._inbox
-        while inbox and not self._held and not self._gone:
-            self._call(inbox.popleft())
-        if self._inbox is inbox and not inbox:
+        """Hand over waiting messages, then bytes not parsed yet, while the handler
+        takes them; read from the socket again once little is waiting."""
+        while not self._gone and not self._held:
+            inbox = self._inbox
+            if inbox:
+                self._call(inbox.popleft())
+                continue
             self._inbox = None
-        if self._reading_paused and len(self._inbox or ()) <= self.server.inbox_limit // 4:
+            unread, self._unread = self._unread, None
+            if unread is None:
+                break
+            self._parse(unread)
+        if self._gone and self._unread is not None:
+            # It may hold the client's close frame: parse it, handing nothing over.
+            unread, self._unread = self._unread, None
+            self._parse(unread)
+        self._resume_when_short()
+
+    def _resume_when_short(self) -> None:
+        if (
+            self._reading_paused
+            and self._unread is None
+            and len(self._inbox or ()) <= self.server.inbox_limit // 4
+        ):
             self._reading_paused = False
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
@@ -488,10 +531,10 @@ class Connection(asyncio.Protocol):
         self._gone = True
         self._partial = None
         self._inbox = None
-        transport = self.transport
-        if self._reading_paused and transport is not None and not transport.is_closing():
-            self._reading_paused = False
-            transport.resume_reading()  # the client's side of the closing handshake
+        if self._unread is not None:
+            self.server.loop.call_soon(self._feed)  # then read the rest of the socket
+        else:
+            self._resume_when_short()  # to read the client's side of the closing handshake
         if self.protocol.close_expected():
             # Wait for the client's side of the closing handshake, but not for ever.
             self._deadline = self.server.loop.time() + self.server.close_timeout
