@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request, Response
 
 from chat_server.connections import Connection, Message, WebSocketServer
@@ -384,6 +385,26 @@ async def test_half_open_and_slow_handshakes_time_out() -> None:
                 sock.close()
         await asyncio.sleep(0.05)
         assert not server.connections
+
+
+async def test_tcp_is_closed_as_soon_as_the_closing_handshake_is_done() -> None:
+    """A client that sends its close frame and then keeps the socket open costs nothing:
+    the server closes TCP first (RFC 6455 7.1.1) instead of waiting for close_timeout."""
+    async with layer(close_timeout=10.0) as (server, app):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(HANDSHAKE + b"\r\n")
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+            close = Frame(Opcode.CLOSE, Close(1000, "bye").serialize())
+            writer.write(close.serialize(mask=True))
+            async with asyncio.timeout(1):
+                echo = await reader.read()  # the server's close frame, then EOF
+            assert echo.endswith(b"bye")
+            assert await app.closed_codes(1, timeout=1) == [(1000, "bye")]
+            await asyncio.sleep(0.05)
+            assert not server.connections
+        finally:
+            writer.close()
 
 
 # --- deadlines and keepalive ------------------------------------------------------------
