@@ -17,13 +17,16 @@ no coroutine frame and no timer:
   tasks and timers did: handshake deadlines, keepalive (a ping to a connection silent for
   ``ping_interval``, close 1011 when nothing came back within ``ping_timeout``), the
   handler's own deadline (:meth:`Connection.close_after`) and the closing handshake's.
-- Writes are synchronous: frames go to the socket in one ``transport.write``. A connection
-  with more than ``send_buffer_limit`` bytes waiting to be sent is closed with 1008 (a
-  reader too slow to keep up), and :meth:`Connection.drain` lets a writer that sends a lot
-  at once (a catch-up) wait for the socket, so it goes at the pace the client reads.
+- Writes are synchronous: frames go to the socket in one ``transport.write``.
+  :meth:`Connection.buffered` says how much is waiting (the session drops a reader too slow
+  to keep up: it knows which bytes are its own paced catch-up), and
+  :meth:`Connection.drain` lets a writer that sends a lot at once wait for the socket, so
+  it goes at the pace the client reads.
 
 :class:`WebSocketServer` owns the listening socket, the connections, the per-address
-count, the sweep and shutdown.
+count, the sweep and shutdown. The two interfaces between this layer and a session are
+:class:`Link` (what a session sees of its connection) and :class:`Handler` (what the
+layer calls).
 """
 
 from __future__ import annotations
@@ -65,6 +68,41 @@ PARSE_SLICE = 4096
 Message = str | bytes
 
 
+class Link(Protocol):
+    """What a session sees of its connection (implemented by :class:`Connection`)."""
+
+    @property
+    def ip(self) -> str:
+        """The client's address: the key of per-address limits."""
+
+    @property
+    def remote(self) -> str:
+        """``ip:port``, for logs."""
+
+    def write(self, frames: Sequence[bytes]) -> None:
+        """Send encoded text frames in one socket write; never waits; ignored once closing."""
+
+    def buffered(self) -> int:
+        """Bytes written but not yet taken by the kernel."""
+
+    async def drain(self) -> None:
+        """Wait until the unsent bytes are below the high-water mark (or it closed)."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake (never waits)."""
+
+    def close_after(self, delay: float | None, code: int = ..., reason: str = ...) -> None:
+        """Close unless called again with ``None`` within ``delay`` seconds."""
+
+    def pause_reading(self) -> None:
+        """Hand over no more messages until :meth:`resume_reading`."""
+
+    def resume_reading(self) -> None: ...
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run work for this connection as a task that shutdown waits for."""
+
+
 class Handler(Protocol):
     """What the layer calls: one handler (a session) per open WebSocket connection."""
 
@@ -82,7 +120,8 @@ class Handler(Protocol):
 #: Builds the handler for a connection whose handshake succeeded.
 Opener = Callable[["Connection", Request], Handler]
 #: Answers a handshake request with an HTTP response instead of a WebSocket (``/healthz``),
-#: or returns ``None`` to go on with the handshake; may be a coroutine function.
+#: or returns ``None`` to go on with the handshake; may be a coroutine function. It may
+#: set :attr:`Connection.ip` (the client behind a trusted proxy) before returning None.
 Responder = Callable[["Connection", Request], Response | Awaitable[Response | None] | None]
 
 
@@ -100,19 +139,19 @@ class _Partial:
 class Connection(asyncio.Protocol):
     """One TCP connection: the handshake, then a WebSocket, fed to websockets' Sans-I/O.
 
-    What a handler uses: :meth:`write`, :meth:`buffered`, :meth:`drain`, :meth:`close`,
-    :meth:`close_after`, :meth:`pause_reading` and :meth:`resume_reading`, :meth:`spawn`,
-    and :attr:`ip`, :attr:`remote`, :attr:`open`.
+    It is the session's :class:`Link`.
     """
 
     # Slots: this object is most of what an idle connection costs beyond the library's.
     __slots__ = (
+        "_counted",
         "_deadline",
         "_drain_waiter",
         "_expire",
         "_gone",
         "_held",
         "_inbox",
+        "_ip",
         "_partial",
         "_pinged",
         "_reading_paused",
@@ -133,6 +172,9 @@ class Connection(asyncio.Protocol):
         self.handler: Handler | None = None
         self.transport: asyncio.Transport | None = None
         self.remote_address: tuple[Any, ...] | None = None
+        self._ip = "?"
+        #: Counted in the server's per-address count (once its handshake was accepted).
+        self._counted = False
         #: Coarse time (the sweep's clock) data last came in; the handshake's start before.
         self._seen = server.clock
         #: When a keepalive ping was sent and nothing has come in since (0: none).
@@ -171,9 +213,19 @@ class Connection(asyncio.Protocol):
 
     @property
     def ip(self) -> str:
-        """The client's address (what per-address limits count)."""
-        address = self.remote_address
-        return str(address[0]) if address else "?"
+        """The client's address (what per-address limits count): the TCP peer's, unless
+        the responder said otherwise (a client behind a trusted reverse proxy)."""
+        return self._ip
+
+    @ip.setter
+    def ip(self, address: str) -> None:
+        if self._counted:
+            raise RuntimeError("the address of an accepted connection cannot change")
+        self._ip = address
+
+    def respond(self, status: http.HTTPStatus, text: str) -> Response:
+        """A plain-text HTTP response, for a responder to return instead of a handshake."""
+        return self.protocol.reject(status, text)
 
     def buffered(self) -> int:
         """Bytes written but not yet handed to the kernel."""
@@ -183,8 +235,8 @@ class Connection(asyncio.Protocol):
     def write(self, frames: Sequence[bytes]) -> None:
         """Send each item (UTF-8 text) as a text frame, all in one socket write.
 
-        Never waits; ignored once the connection is not open. A connection whose unsent
-        data passes ``send_buffer_limit`` is closed with 1008 (see :meth:`drain`).
+        Never waits; ignored once the connection is not open. What a client does not read
+        piles up here: see :meth:`buffered` and :meth:`drain`.
         """
         protocol = self.protocol
         if protocol.state is not OPEN or self._gone or not frames:
@@ -192,17 +244,13 @@ class Connection(asyncio.Protocol):
         for data in frames:
             protocol.send_text(data)
         self._flush()
-        transport = self.transport
-        limit = self.server.send_buffer_limit
-        if transport is not None and transport.get_write_buffer_size() > limit:
-            self.close(POLICY_VIOLATION, f"too slow: over {limit} bytes waiting to be sent")
 
     async def drain(self) -> None:
         """Wait while the socket's send buffer is over its high-water mark.
 
         A writer that sends a lot at once awaits this between parts, so that it goes at
-        the pace the client reads and never trips ``send_buffer_limit``. Returns at once
-        when the buffer is low or the connection has closed.
+        the pace the client reads and its data never piles up. Returns at once when the
+        buffer is low or the connection has closed.
         """
         if not self._writing_paused or self.transport is None:
             return
@@ -211,7 +259,7 @@ class Connection(asyncio.Protocol):
             waiter = self._drain_waiter = self.server.loop.create_future()
         await asyncio.shield(waiter)
 
-    def close(self, code: int, reason: str = "") -> None:
+    def close(self, code: int, reason: str) -> None:
         """Start the closing handshake; the TCP connection is aborted if the client does
         not finish it within ``close_timeout``. Does nothing when already closing."""
         protocol = self.protocol
@@ -258,15 +306,11 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         server = self.server
-        self.remote_address = transport.get_extra_info("peername")
+        self.remote_address = address = transport.get_extra_info("peername")
+        if address:
+            self._ip = str(address[0])
         transport.set_write_buffer_limits(server.write_limit)
-        count = server.added(self)
-        limit = server.max_connections_per_address
-        if limit and count > 2 * limit:
-            # Past the limit a handshake can only be refused (429); this far past it the
-            # connection is not even given the time to send one: file descriptors are few.
-            log.debug("dropped a connection from %s: %d open from it", self.ip, count)
-            transport.abort()
+        server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         protocol = self.protocol
@@ -328,6 +372,7 @@ class Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         self.server.removed(self)
+        self._counted = False
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -371,10 +416,10 @@ class Connection(asyncio.Protocol):
         server = self.server
         if response is None:
             limit = server.max_connections_per_address
-            host = self.ip
-            if limit and server.per_address.get(host, 0) > limit:
-                log.warning("refused %s: already %d connections from it", host, limit)
-                text = f"too many connections from {host} (limit {limit})\n"
+            ip = self.ip
+            if limit and server.per_address.get(ip, 0) >= limit:
+                log.warning("refused %s: already %d connections from it", ip, limit)
+                text = f"too many connections from {ip} (limit {limit})\n"
                 response = protocol.reject(http.HTTPStatus.TOO_MANY_REQUESTS, text)
             elif not server.serving:
                 response = protocol.reject(
@@ -392,6 +437,7 @@ class Connection(asyncio.Protocol):
             return
         self._deadline, self._expire = 0.0, None
         self._seen = server.clock
+        server.count(self)
         try:
             self.handler = server.opener(self, request)
         except Exception:
@@ -597,8 +643,9 @@ class WebSocketServer:
 
     ``opener`` builds a connection's handler once its handshake succeeds; ``responder``
     may answer a handshake request with plain HTTP instead (``process_request`` in
-    websockets' terms). A WebSocket handshake from an address that already has more than
-    ``max_connections_per_address`` TCP connections open (0: no limit) is answered 429.
+    websockets' terms). A WebSocket handshake from an address that already has
+    ``max_connections_per_address`` WebSocket connections open (0: no limit) is answered
+    429; the address is :attr:`Connection.ip` (which the responder may set).
     """
 
     def __init__(
@@ -611,7 +658,6 @@ class WebSocketServer:
         ping_timeout: float = 20.0,
         close_timeout: float = 5.0,
         handshake_timeout: float = 10.0,
-        send_buffer_limit: int = 2**20,
         max_connections_per_address: int = 0,
         write_limit: int = 32 * 1024,
         inbox_limit: int = 16,
@@ -624,7 +670,6 @@ class WebSocketServer:
         self.ping_timeout = ping_timeout
         self.close_timeout = close_timeout
         self.handshake_timeout = handshake_timeout
-        self.send_buffer_limit = send_buffer_limit
         self.max_connections_per_address = max_connections_per_address
         self.write_limit = write_limit
         self.inbox_limit = inbox_limit
@@ -633,7 +678,7 @@ class WebSocketServer:
         #: The sweep's clock: loop.time() at the last sweep, read instead of the clock.
         self.clock = self.loop.time()
         self.connections: set[Connection] = set()
-        #: Open TCP connections per remote host, handshakes included.
+        #: Open WebSocket connections per client address (Connection.ip).
         self.per_address: dict[str, int] = {}
         #: Running tasks: a session's current request, a handshake answered later.
         self.tasks: set[asyncio.Task[None]] = set()
@@ -670,24 +715,23 @@ class WebSocketServer:
 
     # --- bookkeeping, called by connections -------------------------------------------
 
-    def added(self, connection: Connection) -> int:
-        """Count a new TCP connection; returns how many its address now has open."""
-        self.connections.add(connection)
-        host = connection.ip
-        count = self.per_address[host] = self.per_address.get(host, 0) + 1
-        return count
+    def count(self, connection: Connection) -> None:
+        """Count an accepted WebSocket connection against its address."""
+        ip = connection.ip
+        self.per_address[ip] = self.per_address.get(ip, 0) + 1
+        connection._counted = True
 
     def removed(self, connection: Connection) -> None:
-        if connection in self.connections:
-            self.connections.discard(connection)
-            host = connection.ip
-            count = self.per_address.get(host, 0) - 1
+        self.connections.discard(connection)
+        if connection._counted:
+            ip = connection.ip
+            count = self.per_address.get(ip, 0) - 1
             if count > 0:
-                self.per_address[host] = count
+                self.per_address[ip] = count
             else:
-                self.per_address.pop(host, None)
-            if not self.connections and self._emptied is not None:
-                self._emptied.set()
+                self.per_address.pop(ip, None)
+        if not self.connections and self._emptied is not None:
+            self._emptied.set()
 
     # --- the sweep ----------------------------------------------------------------------
 
@@ -734,7 +778,7 @@ class WebSocketServer:
         """Stop accepting; abort connections still in their handshake; close the open ones
         with ``code``; abort those that did not finish closing ``grace`` seconds after the
         start (and any not yet sent a close by then: closing costs a socket write each);
-        then wait for the connections' tasks. Returns within about ``grace`` + 1 s."""
+        then wait for the connections' tasks. Returns within about ``grace`` + 0.75 s."""
         started = self.loop.time()
         deadline = started + grace
         self.serving = False
@@ -766,11 +810,11 @@ class WebSocketServer:
                 connection.transport.abort()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        await self._until(emptied, 0.5)  # aborted transports call connection_lost soon
+        await self._until(emptied, 0.25)  # aborted transports call connection_lost soon
         for task in list(self.tasks):
             task.cancel()
         if self.tasks:
-            _, pending = await asyncio.wait(list(self.tasks), timeout=1.0)
+            _, pending = await asyncio.wait(list(self.tasks), timeout=0.5)
             for task in pending:
                 log.error("a connection's task did not stop on cancellation: %r", task)
         if self._sweeper is not None:
@@ -813,6 +857,7 @@ class WebSocketServer:
 __all__ = [
     "Connection",
     "Handler",
+    "Link",
     "Message",
     "Opener",
     "Responder",

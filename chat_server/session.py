@@ -1,7 +1,8 @@
 """One client connection: the protocol from ``hello`` to close, and nothing of sockets.
 
-Frames come in through :meth:`Session.received` (from whatever reads the socket, see
-``link.py``) and every answer goes out through the session's :class:`Link`.
+Frames come in through :meth:`Session.received`, called by the connection layer
+(``connections.py``) from the socket's ``data_received``, and every answer goes out
+through the session's :class:`~chat_server.connections.Link`.
 
 **Order.** Every frame gets a place in the session's reply queue when it arrives, and
 replies leave in that order, whatever finishes first. A refused frame (bad JSON, over a
@@ -52,8 +53,8 @@ from chat_protocol.frames import (
 from chat_protocol.limits import HISTORY_DEFAULT, MAX_ROOMS, MEMBERS_MAX
 from chat_protocol.names import nick_key
 from chat_server.config import ServerConfig
+from chat_server.connections import Link
 from chat_server.fanout import Held, Hub, Member
-from chat_server.link import Link
 from chat_server.messages import Draft, Scope, StoredMessage
 from chat_server.presence import Presence
 from chat_server.ratelimit import Limit, Quotas, TokenBucket
@@ -109,7 +110,6 @@ class Session:
         "bucket",
         "ctx",
         "gone",
-        "hello_timer",
         "hold",
         "link",
         "nick",
@@ -134,7 +134,6 @@ class Session:
         self.bucket = TokenBucket(ctx.config.rate, ctx.config.burst)
         self.strikes = 0
         self.gone = False
-        self.hello_timer: asyncio.TimerHandle | None = None
         self.queue: deque[tuple[Slot, ClientFrame]] = deque()
         self.replies: deque[Slot] = deque()
         self.worker: asyncio.Task[None] | None = None
@@ -142,10 +141,8 @@ class Session:
     # --- the connection's life, as the link reports it ------------------------------------
 
     def opened(self) -> None:
-        # A timer, not asyncio.timeout(): nothing of it stays alive once hello is done.
-        self.hello_timer = asyncio.get_running_loop().call_later(
-            self.ctx.config.hello_timeout, self.kick, CloseCode.POLICY, "no hello in time"
-        )
+        # The connection layer's sweep enforces it: no timer per connection.
+        self.link.close_after(self.ctx.config.hello_timeout, CloseCode.POLICY, "no hello in time")
 
     def received(self, data: str | bytes) -> None:
         """One frame from the client: answer it at once or queue it for the worker."""
@@ -163,15 +160,19 @@ class Session:
             return
         self.queue.append((slot, request))
         if self.worker is None:
-            self.worker = asyncio.create_task(self._work())
+            self.worker = self.link.spawn(self._work())
         if len(self.replies) >= BACKLOG_HIGH:
             self.link.pause_reading()
 
-    def closed(self) -> None:
-        """The connection is gone: cancel pending work and leave every room."""
-        if self.hello_timer is not None:
-            self.hello_timer.cancel()
-            self.hello_timer = None
+    def closed(self, code: int, reason: str) -> None:
+        """The connection layer says the WebSocket closed (1006: without a close frame)."""
+        self._stop()
+        log.info(
+            "%s (%s) disconnected: code %s %s", self.nick or "?", self.link.remote, code, reason
+        )
+
+    def _stop(self) -> None:
+        """Cancel pending work and leave every room; nothing more is answered."""
         self.gone = True
         self.queue.clear()
         self.replies.clear()
@@ -184,17 +185,8 @@ class Session:
         """Close the connection, and be gone from now on."""
         if not self.gone:
             log.warning("closing %s (%s): %s", self.nick or "?", self.link.remote, reason)
-            self.closed()
+            self._stop()
         self.link.close(code, reason)
-
-    def log_close(self, code: int | None, reason: str | None) -> None:
-        log.info(
-            "%s (%s) disconnected: code %s %s",
-            self.nick or "?",
-            self.link.remote,
-            code,
-            reason or "",
-        )
 
     def _depart(self) -> None:
         hub = self.ctx.hub
@@ -422,9 +414,7 @@ class Session:
             )
         self.nick, self.nick_key, self.since = claim.nick, key, claim.since
         previous = self._replace(holder)
-        if self.hello_timer is not None:
-            self.hello_timer.cancel()
-            self.hello_timer = None
+        self.link.close_after(None)
         self.hold = []
         hub.add(self)
         for room in hello.rooms:
