@@ -107,10 +107,16 @@ class ChatServer:
         return None
 
     async def health(self) -> str | None:
-        """None while the database commits a probe write, else why not; cached a second."""
+        """None while the database commits a probe write, else why not; cached a second,
+        but never past a change the store has seen since (a failed or a good commit)."""
         loop = asyncio.get_running_loop()
-        if self._health is not None and loop.time() - self._health[0] < HEALTH_CACHE:
-            return self._health[1]
+        cached = self._health
+        if (
+            cached is not None
+            and loop.time() - cached[0] < HEALTH_CACHE
+            and (cached[1] is None) == self.store.writable
+        ):
+            return cached[1]
         if self._health_probe is None:
             self._health_probe = asyncio.create_task(self._probe())
         return await asyncio.shield(self._health_probe)
