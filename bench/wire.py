@@ -71,7 +71,11 @@ class Client(asyncio.Protocol):
         self.last = [-1] * senders
         self.on_frame = on_frame
         self.transport: asyncio.Transport | None = None
-        self.pending = b""
+        # An incomplete frame's bytes so far, and how many it takes to finish it: a big
+        # frame arriving in many reads is joined once, not copied at every read.
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.needed = 0
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.data: dict[str, Any] = {}  # per-workload state
@@ -85,11 +89,16 @@ class Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.pending:
-            data = self.pending + data
+            self.pending.append(data)
+            self.pending_size += len(data)
+            if self.pending_size < self.needed:
+                return
+            data = b"".join(self.pending)
+            self.pending.clear()
         if self.protocol.state is State.CONNECTING:
             end = data.find(b"\r\n\r\n")
             if end < 0:
-                self.pending = data
+                self._keep(data, len(data) + 1)
                 return
             self.protocol.receive_data(data[: end + 4])
             self.protocol.events_received()
@@ -105,21 +114,25 @@ class Client(asyncio.Protocol):
         now = time.monotonic_ns()
         # Split off complete frames: 2-byte header, 16- or 64-bit extended length.
         pos, n, control = 0, len(data), False
+        needed = 2  # bytes from pos that the next frame takes, as far as is known
         while n - pos >= 2:
             length = data[pos + 1]
             head = 2
             if length == 126:
                 if n - pos < 4:
+                    needed = 4
                     break
                 length = (data[pos + 2] << 8) | data[pos + 3]
                 head = 4
             elif length == 127:
                 if n - pos < 10:
+                    needed = 10
                     break
                 length = int.from_bytes(data[pos + 2 : pos + 10], "big")
                 head = 10
             end = pos + head + length
             if end > n:
+                needed = head + length
                 break
             opcode = data[pos] & 0x0F
             if opcode != 1:
@@ -127,11 +140,17 @@ class Client(asyncio.Protocol):
             elif self.on_frame is not None:
                 self.on_frame(self, data[pos + head : end])
             pos = end
-        self.pending = data[pos:]
+        if pos < n:
+            self._keep(data[pos:], needed)
         if self.on_frame is None and pos:
             self.see(MARK.findall(data, 0, pos), now)
         if control:
             self._control(data, pos)
+
+    def _keep(self, rest: bytes, needed: int) -> None:
+        self.pending = [rest]
+        self.pending_size = len(rest)
+        self.needed = needed
 
     def eof_received(self) -> bool | None:
         self.protocol.receive_eof()
