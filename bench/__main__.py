@@ -140,28 +140,35 @@ def run(args: argparse.Namespace) -> list[Result]:
                 finally:
                     target.cleanup()
             mark = done("storm", mark)
-    if "idle" in chosen or "memory" in chosen:
-        count = args.idle if "idle" in chosen else args.memory
-        workers = max(args.workers, math.ceil(count / args.per_process))
-        with Generator(workers) as many:
-            if "idle" in chosen:
-                for kind in ("relay", "chat"):
-                    target = Target(kind).start()  # a fresh server: its memory is the idle one's
-                    try:
-                        results.append(idle(many, target, connections=args.idle))
-                    finally:
-                        target.cleanup()
-                    mark = done(f"idle {kind}", mark)
-            if "memory" in chosen:
-                results.append(
-                    memory(
-                        many,
-                        connections=args.memory,
-                        warm=min(500, args.memory),
-                        settle=args.memory_settle,
-                    )
-                )
-                mark = done("memory", mark)
+        if "idle" in chosen or "memory" in chosen:
+            count = args.idle if "idle" in chosen else args.memory
+            workers = math.ceil(count / args.per_process)
+            if workers <= gen.size:
+                results.extend(idle_and_memory(gen, args))
+            else:
+                with Generator(workers) as many:
+                    results.extend(idle_and_memory(many, args))
+    return results
+
+
+def idle_and_memory(gen: Generator, args: argparse.Namespace) -> list[Result]:
+    results = []
+    mark = time.monotonic()
+    if "idle" in args.workloads:
+        for kind in ("relay", "chat"):
+            target = Target(kind).start()  # a fresh server: its memory is the idle one's
+            try:
+                results.append(idle(gen, target, connections=args.idle))
+            finally:
+                target.cleanup()
+            mark = done(f"idle {kind}", mark)
+    if "memory" in args.workloads:
+        results.append(
+            memory(
+                gen, connections=args.memory, warm=min(500, args.memory), settle=args.memory_settle
+            )
+        )
+        mark = done("memory", mark)
     return results
 
 
@@ -270,12 +277,9 @@ def report(results: list[Result], load: dict[str, Any]) -> str:
                 f"  {site['bytes_per_connection']:>8} B  "
                 f"{site['blocks_per_connection']:>5} blocks  {site['site']}  {site['code']}"
             )
-        lines.append("  live objects per connection by type (gc, shallow sizes):")
+        lines.append("  live objects per connection by type (gc-tracked):")
         for kind in mem["gc_types"][:12]:
-            lines.append(
-                f"  {kind['objects_per_connection']:>6} x {kind['type']}  "
-                f"{kind['shallow_bytes_per_connection']} B"
-            )
+            lines.append(f"  {kind['objects_per_connection']:>6} x {kind['type']}")
     p_chat = by.get(("persistence", "chat"))
     if p_chat:
         lines.append(

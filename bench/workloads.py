@@ -511,7 +511,7 @@ def storm(
     talk_open = talk.call(0, "open", **talkers)
     talk_secrets = talk_open["secrets"]
     warm = talk.call(0, "talk", talkers=talker_rooms, count=5)
-    time.sleep(1)
+    time.sleep(0.3)  # acked means written to every member's socket; let them read it
     highs = {k: v for h in gen.all("highs") for k, v in h.items()}
     talk_highs = talk.call(0, "highs")
     gen.all("close")  # the blip
@@ -543,10 +543,10 @@ def storm(
     talking = talk.submit(0, "talk", talkers=talker_rooms, rate=live_rate)
     results = [gen.result(w, ident) for w, ident in enumerate(idents)]
     cpu = window.stop()
-    time.sleep(1.0)  # live traffic after the storm, to check the stream goes on
+    time.sleep(0.5)  # live traffic after the storm, to check the stream goes on
     talk.call(0, "stop_talk")
     final = talk.result(0, talking)
-    time.sleep(0.5)
+    time.sleep(0.3)
     per_nick = {k: v for r in results for k, v in r["per_nick"].items()}
     errors = sum(r["error_count"] for r in results)
     synced = sorted(at for _, at, _ in per_nick.values())
