@@ -309,7 +309,9 @@ def report(results: list[Result], load: dict[str, Any]) -> str:
             f"storm: {st['clients']} clients in {st['rooms']} rooms all synced in "
             f"{st['all_synced_s']} s (target <= 3 s), half in {st['half_synced_s']} s; "
             f"{st['replayed_per_s']} msgs replayed/s; live p99 {st['live_p99_ms']} ms; "
-            f"lost {st['lost']}, duplicated {st['duplicated']}, errors {st['reconnect_errors']}"
+            f"lost {st['lost']}, duplicated {st['duplicated']}, errors {st['reconnect_errors']}; "
+            f"listen queue overflows {st['listen_queue_overflows']}, SYN retransmits "
+            f"{st['syn_retransmits']} (machine-wide counters)"
         )
     return "\n".join(lines)
 

@@ -81,3 +81,16 @@ class Window:
             if total > total0:
                 figures[f"core{core}_busy_pct"] = round((busy - busy0) / (total - total0) * 100, 1)
         return figures
+
+
+def tcp_counters() -> dict[str, int]:
+    """The kernel's TCP counters (whole machine) that tell of a full listen queue:
+    connections dropped there are retried by the client after 1, 3, 7... seconds."""
+    wanted = ("ListenOverflows", "ListenDrops", "TCPSynRetrans")
+    with open("/proc/net/netstat") as file:
+        lines = file.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=True))
+            return {name: int(table.get(name, 0)) for name in wanted}
+    return dict.fromkeys(wanted, 0)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.generator import SOURCES, Generator
-from bench.procstat import Window, rss_bytes
+from bench.procstat import Window, rss_bytes, tcp_counters
 from bench.targets import SERVER_CPU, Target, generator_cpus
 from bench.worker import BUCKET_NS
 
@@ -537,12 +537,14 @@ def storm(
     window = Window(target.pid, [*gen.pids, *talk.pids, os.getpid()])
     time.sleep(max(0.0, start_at - time.monotonic()))
     window.start()
+    tcp_before = tcp_counters()
     talk.call(
         0, "open", **{**talkers, "secrets": talk_secrets, "resume": talk_highs, "concurrency": 0}
     )
     talking = talk.submit(0, "talk", talkers=talker_rooms, rate=live_rate)
     results = [gen.result(w, ident) for w, ident in enumerate(idents)]
     cpu = window.stop()
+    tcp = {k: v - tcp_before[k] for k, v in tcp_counters().items()}
     time.sleep(0.5)  # live traffic after the storm, to check the stream goes on
     talk.call(0, "stop_talk")
     final = talk.result(0, talking)
@@ -583,5 +585,7 @@ def storm(
             "duplicated": sum(f["duplicated"] for f in figures),
             "gaps": sum(f["gaps"] for f in figures),
             **{k: v for k, v in cpu.items() if k != "server_cpu_s"},
+            "listen_queue_overflows": tcp["ListenOverflows"],
+            "syn_retransmits": tcp["TCPSynRetrans"],
         },
     )
