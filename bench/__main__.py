@@ -16,6 +16,7 @@ shared machine. The server runs on CPU 0; the generator's processes on the other
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -23,7 +24,9 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from bench.generator import SOURCES, Generator
@@ -80,95 +83,117 @@ def storage_only(batches: Sequence[int], seconds: float) -> dict[str, Any]:
     return result
 
 
-def done(what: str, since: float) -> float:
-    now = time.monotonic()
-    print(f"done: {what} ({now - since:.1f} s)", file=sys.stderr)
-    return now
+def guarded(gen: Generator, workload: str, kind: str, measure: Callable[[], Result]) -> Result:
+    """Run one workload; a failure is reported as its result and the run goes on."""
+    started = time.monotonic()
+    try:
+        result = measure()
+    except Exception as exc:
+        traceback.print_exc()
+        with contextlib.suppress(Exception):
+            gen.all("close", wait=5.0)
+        result = Result(workload, kind, {"error": f"{type(exc).__name__}: {exc}"})
+    print(f"done: {workload} {kind} ({time.monotonic() - started:.1f} s)", file=sys.stderr)
+    return result
 
 
 def run(args: argparse.Namespace) -> list[Result]:
     results: list[Result] = []
-    mark = time.monotonic()
     chosen = args.workloads
     with Generator(args.workers) as gen:
         for kind in ("relay", "chat"):
-            if {"fanout", "saturation"} & set(chosen):
-                target = Target(kind).start()
-                try:
-                    if "fanout" in chosen:
-                        results.append(
-                            fanout(
+            if not {"fanout", "saturation"} & set(chosen):
+                break
+            target = Target(kind).start()
+            try:
+                if "fanout" in chosen:
+                    results.append(
+                        guarded(
+                            gen,
+                            "fanout",
+                            kind,
+                            partial(
+                                fanout,
                                 gen,
                                 target,
                                 clients=args.clients,
                                 rate=args.rate,
                                 seconds=args.seconds,
-                            )
+                            ),
                         )
-                        mark = done(f"fanout {kind}", mark)
-                    if "saturation" in chosen:
-                        results.append(
-                            saturation(
+                    )
+                if "saturation" in chosen:
+                    results.append(
+                        guarded(
+                            gen,
+                            "saturation",
+                            kind,
+                            partial(
+                                saturation,
                                 gen,
                                 target,
                                 clients=args.clients,
                                 seconds=args.step_seconds or args.seconds,
                                 rates=args.rates,
-                            )
-                        )
-                        mark = done(f"saturation {kind}", mark)
-                finally:
-                    target.cleanup()
-        if "persistence" in chosen:
-            results.append(persistence_run(gen, args))
-            mark = done("persistence", mark)
-        if "storm" in chosen:
-            with Generator(1) as talk:
-                target = Target("chat").start()
-                try:
-                    results.append(
-                        storm(
-                            gen,
-                            talk,
-                            target,
-                            clients=args.storm_clients,
-                            rooms=args.storm_rooms,
-                            backlog=args.storm_backlog,
-                            live_rate=args.storm_live,
+                            ),
                         )
                     )
-                finally:
-                    target.cleanup()
-            mark = done("storm", mark)
+            finally:
+                target.cleanup()
+        if "persistence" in chosen:
+            results.append(guarded(gen, "persistence", "chat", lambda: persistence_run(gen, args)))
+        if "storm" in chosen:
+            results.append(guarded(gen, "storm", "chat", lambda: storm_run(gen, args)))
         if "idle" in chosen or "memory" in chosen:
             count = args.idle if "idle" in chosen else args.memory
-            workers = math.ceil(count / args.per_process)
-            if workers <= gen.size:
+            if math.ceil(count / args.per_process) <= gen.size:
                 results.extend(idle_and_memory(gen, args))
             else:
-                with Generator(workers) as many:
+                with Generator(math.ceil(count / args.per_process)) as many:
                     results.extend(idle_and_memory(many, args))
     return results
 
 
+def storm_run(gen: Generator, args: argparse.Namespace) -> Result:
+    with Generator(1) as talk:
+        target = Target("chat").start()
+        try:
+            return storm(
+                gen,
+                talk,
+                target,
+                clients=args.storm_clients,
+                rooms=args.storm_rooms,
+                backlog=args.storm_backlog,
+                live_rate=args.storm_live,
+            )
+        finally:
+            target.cleanup()
+
+
+def idle_one(gen: Generator, kind: str, connections: int) -> Result:
+    target = Target(kind).start()  # a fresh server: its memory is the idle one's
+    try:
+        return idle(gen, target, connections=connections)
+    finally:
+        target.cleanup()
+
+
 def idle_and_memory(gen: Generator, args: argparse.Namespace) -> list[Result]:
     results = []
-    mark = time.monotonic()
     if "idle" in args.workloads:
         for kind in ("relay", "chat"):
-            target = Target(kind).start()  # a fresh server: its memory is the idle one's
-            try:
-                results.append(idle(gen, target, connections=args.idle))
-            finally:
-                target.cleanup()
-            mark = done(f"idle {kind}", mark)
+            results.append(guarded(gen, "idle", kind, partial(idle_one, gen, kind, args.idle)))
     if "memory" in args.workloads:
+        warm = min(500, args.memory)
         results.append(
-            memory(
-                gen, connections=args.memory, warm=min(500, args.memory), settle=args.memory_settle
+            guarded(
+                gen,
+                "memory",
+                "chat",
+                lambda: memory(gen, connections=args.memory, warm=warm, settle=args.memory_settle),
             )
         )
-        mark = done("memory", mark)
     return results
 
 

@@ -66,6 +66,7 @@ class Worker:
         last_seq: dict[int, int] | None = None,
         start_at: float = 0.0,
         report: bool = False,
+        retries: int = 0,
     ) -> dict[str, Any]:
         """Connect clients ``ids`` (and, for chat, say hello and wait for ``synced``).
 
@@ -75,7 +76,8 @@ class Worker:
         at the monotonic time ``start_at``). With ``keep_frames`` a client stays in frame
         mode after ``synced`` (it keeps track of message ids). Returns new secrets and,
         with ``report``, per nick: the highest id seen, when ``synced`` came, and how many
-        ``msg`` frames the catch-up carried.
+        ``msg`` frames the catch-up carried. A connection that fails before its
+        handshake is done is tried again up to ``retries`` times (counted in ``retried``).
         """
         gate = asyncio.Semaphore(concurrency) if concurrency else None
         known = secrets or {}
@@ -85,12 +87,22 @@ class Worker:
         if start_at:
             await asyncio.sleep(max(0.0, start_at - time.monotonic()))
 
+        failures: list[str] = []
+
         async def connect(i: int) -> Client:
             source = sources[i % len(sources)] if sources else None
             on_frame = _hello_frame if kind == "chat" else None
-            return await open_client(
-                url, self.stats, senders=senders, on_frame=on_frame, source=source
-            )
+            for attempt in range(retries + 1):
+                try:
+                    return await open_client(
+                        url, self.stats, senders=senders, on_frame=on_frame, source=source
+                    )
+                except (OSError, TimeoutError) as exc:
+                    if attempt == retries:
+                        raise
+                    failures.append(repr(exc))
+                    await asyncio.sleep(0.5)
+            raise AssertionError("unreachable")
 
         async def one(i: int) -> None:
             if gate is not None:
@@ -133,6 +145,8 @@ class Worker:
             "errors": [repr(e) for e in errors[:3]],
             "secrets": new_secrets,
             "per_nick": per_nick,
+            "retried": len(failures),
+            "retry_reasons": sorted(set(failures))[:3],
         }
 
     # --- fan-out -----------------------------------------------------------------------

@@ -260,15 +260,23 @@ def idle(gen: Generator, target: Target, *, connections: int, per_room: int = 10
                     "tag": tag,
                     "senders": 0,
                     "sources": [SOURCES[w % len(SOURCES)]],
+                    # Handshakes in flight, over all processes: about the server's
+                    # listen backlog (100), so that the queue does not overflow.
+                    "concurrency": max(10, 100 // gen.size),
+                    "retries": 2,
                 }
                 for w, mine in enumerate(per_worker)
             ],
         )
         failed = sum(o["error_count"] for o in opened)
+        retried.extend(reason for o in opened for reason in o["retry_reasons"])
+        counts[0] += sum(o["retried"] for o in opened)
         if failed:
             errors = [e for o in opened for e in o["errors"]]
             raise RuntimeError(f"{failed} idle clients could not connect: {errors[:3]}")
 
+    retried: list[str] = []
+    counts = [0]
     settle = min(2.0, 0.2 + connections / 5000)  # for the server's last writes and frees
     try:
         open_range(range(first), "i")
@@ -290,6 +298,8 @@ def idle(gen: Generator, target: Target, *, connections: int, per_room: int = 10
             "generator_processes": gen.size,
             "source_addresses": min(gen.size, len(SOURCES)),
             "open_s": round(open_s, 1),
+            "handshakes_retried": counts[0],
+            "retry_reasons": sorted(set(retried))[:3],
             "rss_before_mib": round(base / 2**20, 1),
             "rss_after_mib": round(loaded / 2**20, 1),
             "kib_per_connection": round((loaded - base) / connections / 1024, 2),
