@@ -33,6 +33,7 @@ from bench.generator import SOURCES, Generator
 from bench.procstat import load_average
 from bench.targets import SERVER_CPU, Target, generator_cpus, pin, raise_nofile
 from bench.workloads import (
+    IDLE_ARGS,
     Result,
     commit_counts,
     fanout,
@@ -172,7 +173,7 @@ def storm_run(gen: Generator, args: argparse.Namespace) -> Result:
 
 
 def idle_one(gen: Generator, kind: str, connections: int) -> Result:
-    target = Target(kind).start()  # a fresh server: its memory is the idle one's
+    target = Target(kind, extra=IDLE_ARGS).start()  # fresh: its memory is the idle one's
     try:
         return idle(gen, target, connections=connections)
     finally:
@@ -364,8 +365,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--memory-settle",
         type=float,
-        default=11.0,
-        help="seconds before the memory snapshot (past the server's hello timeout)",
+        default=3.0,
+        help="seconds between the last connection and the memory snapshot",
     )
     parser.add_argument("--senders", type=int, default=50, help="senders (persistence)")
     parser.add_argument("--storage-seconds", type=float, default=3.0, help="per storage-only case")

@@ -32,7 +32,6 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from websockets.client import ClientProtocol
-from websockets.frames import Frame
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
@@ -79,6 +78,8 @@ class Client(asyncio.Protocol):
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.data: dict[str, Any] = {}  # per-workload state
+        #: Failed with the close reason if the connection ends before it is done.
+        self.waiter: asyncio.Future[None] | None = None
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -161,6 +162,9 @@ class Client(asyncio.Protocol):
         self.transport = None
         if not self.opened.done():
             self.opened.set_exception(exc or ConnectionError("closed during the handshake"))
+        if self.waiter is not None and not self.waiter.done():
+            code, reason = self.protocol.close_code, self.protocol.close_reason
+            self.waiter.set_exception(ConnectionError(f"closed by the server: {code} {reason}"))
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -216,14 +220,9 @@ class Client(asyncio.Protocol):
                 length, head = int.from_bytes(data[pos + 2 : pos + 10], "big"), 10
             if data[pos] & 0x0F != 1:
                 self.protocol.receive_data(data[pos : pos + head + length])
-                for event in self.protocol.events_received():
-                    if isinstance(event, Frame) and event.opcode.value == 8:
-                        self.on_close()
+                self.protocol.events_received()  # the protocol answers pings and closes
             pos += head + length
         self._flush()
-
-    def on_close(self) -> None:
-        """The server sent a close frame (the protocol answers it)."""
 
     # --- sending -----------------------------------------------------------------------
 

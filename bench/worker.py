@@ -126,6 +126,7 @@ class Worker:
             else:
                 hello["history"] = 0
             synced: asyncio.Future[None] = loop.create_future()
+            client.waiter = synced
             client.data.update(nick=nick, room=room, synced=synced, high=0, replayed=0)
             client.send(json.dumps(hello))
             await synced
