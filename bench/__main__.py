@@ -237,7 +237,8 @@ def _fmt(fig: dict[str, Any], skip: Sequence[str] = ()) -> str:
 
 
 def report(results: list[Result], load: dict[str, Any]) -> str:
-    by = {(r.workload, r.target): r.figures for r in results}
+    failed = [r for r in results if "error" in r.figures]
+    by = {(r.workload, r.target): r.figures for r in results if r not in failed}
     lines = [
         f"machine: {machine()}",
         f"load average before/after: {load['before']} / {load['after']}",
@@ -251,6 +252,8 @@ def report(results: list[Result], load: dict[str, Any]) -> str:
             for step in fig.get("steps", []):
                 lines.append(f"{'':<19}  step {_fmt(step)}")
     lines.append("")
+    for result in failed:
+        lines.append(f"FAILED: {result.workload} {result.target}: {result.figures['error']}")
     f_chat, f_base = by.get(("fanout", "chat")), by.get(("fanout", "relay"))
     if f_chat and f_base and f_base["server_cpu_s"]:
         lines.append(
@@ -407,8 +410,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = run(args)
     load["after"] = load_average()
     load["minutes"] = round((time.monotonic() - started) / 60, 1)
-    print(report(results, load))
-    if args.json:
+    if args.json:  # first: the figures are kept even if the report fails
         data = {
             "machine": machine(),
             "load_average": load,
@@ -417,10 +419,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         }
         with open(args.json, "w") as file:
             json.dump(data, file, indent=1)
+    print(report(results, load))
     if args.plot:
         from bench.plot import draw
 
         draw([vars(r) for r in results], args.plot, machine())
+    if any("error" in r.figures for r in results):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

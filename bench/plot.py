@@ -34,7 +34,7 @@ def draw(results: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
     busy_axis = cpu.twinx()
     styles = {"chat": ("compose-chat", "tab:blue", "o"), "relay": ("bare relay", "tab:gray", "s")}
     for result in results:
-        if result["workload"] != "saturation":
+        if result["workload"] != "saturation" or "steps" not in result["figures"]:
             continue
         label, color, marker = styles[result["target"]]
         steps = result["figures"]["steps"]

@@ -240,6 +240,37 @@ __all__ = ["SOURCES", "Result", "fanout", "saturation"]
 # --- idle memory -------------------------------------------------------------------------
 
 
+def open_idle(
+    gen: Generator, target: Target, ids: range, rooms: list[str], tag: str
+) -> tuple[int, list[str]]:
+    """Open idle clients ``ids``, each from its process's own source address; returns how
+    many handshakes had to be retried, and some of the reasons."""
+    opened = gen.each(
+        "open",
+        [
+            {
+                "url": target.url,
+                "kind": target.kind,
+                "ids": mine,
+                "rooms": rooms,
+                "tag": tag,
+                "senders": 0,
+                "sources": [SOURCES[w % len(SOURCES)]],
+                # Handshakes in flight, over all processes: about the server's listen
+                # backlog (asyncio's default, 100), so that its queue does not overflow.
+                "concurrency": max(10, 100 // gen.size),
+                "retries": 2,
+            }
+            for w, mine in enumerate(gen.split(ids))
+        ],
+    )
+    failed = sum(o["error_count"] for o in opened)
+    if failed:
+        errors = [e for o in opened for e in o["errors"]]
+        raise RuntimeError(f"{failed} idle clients could not connect: {errors[:3]}")
+    return sum(o["retried"] for o in opened), [r for o in opened for r in o["retry_reasons"]]
+
+
 def idle(gen: Generator, target: Target, *, connections: int, per_room: int = 100) -> Result:
     """Many idle connections (each said hello and sits in a room): server memory.
 
@@ -253,42 +284,13 @@ def idle(gen: Generator, target: Target, *, connections: int, per_room: int = 10
     base = rss_bytes(target.pid)
     started = time.monotonic()
 
-    def open_range(ids: range, tag: str) -> None:
-        per_worker = gen.split(ids)
-        opened = gen.each(
-            "open",
-            [
-                {
-                    "url": target.url,
-                    "kind": target.kind,
-                    "ids": mine,
-                    "rooms": rooms,
-                    "tag": tag,
-                    "senders": 0,
-                    "sources": [SOURCES[w % len(SOURCES)]],
-                    # Handshakes in flight, over all processes: about the server's
-                    # listen backlog (100), so that the queue does not overflow.
-                    "concurrency": max(10, 100 // gen.size),
-                    "retries": 2,
-                }
-                for w, mine in enumerate(per_worker)
-            ],
-        )
-        failed = sum(o["error_count"] for o in opened)
-        retried.extend(reason for o in opened for reason in o["retry_reasons"])
-        counts[0] += sum(o["retried"] for o in opened)
-        if failed:
-            errors = [e for o in opened for e in o["errors"]]
-            raise RuntimeError(f"{failed} idle clients could not connect: {errors[:3]}")
-
-    retried: list[str] = []
-    counts = [0]
     settle = min(2.0, 0.2 + connections / 5000)  # for the server's last writes and frees
     try:
-        open_range(range(first), "i")
+        retried, reasons = open_idle(gen, target, range(first), rooms, "i")
         time.sleep(settle)
         partial = rss_bytes(target.pid)
-        open_range(range(first, connections), "i")
+        more, why = open_idle(gen, target, range(first, connections), rooms, "i")
+        retried, reasons = retried + more, reasons + why
         open_s = time.monotonic() - started
         time.sleep(settle)
         loaded = rss_bytes(target.pid)
@@ -304,8 +306,8 @@ def idle(gen: Generator, target: Target, *, connections: int, per_room: int = 10
             "generator_processes": gen.size,
             "source_addresses": min(gen.size, len(SOURCES)),
             "open_s": round(open_s, 1),
-            "handshakes_retried": counts[0],
-            "retry_reasons": sorted(set(retried))[:3],
+            "handshakes_retried": retried,
+            "retry_reasons": sorted(set(reasons))[:3],
             "rss_before_mib": round(base / 2**20, 1),
             "rss_after_mib": round(loaded / 2**20, 1),
             "kib_per_connection": round((loaded - base) / connections / 1024, 2),
@@ -345,32 +347,12 @@ def memory(gen: Generator, *, connections: int, warm: int = 500, settle: float =
     target = Target("chat", module="bench.memserver", stdin=True, extra=IDLE_ARGS).start()
     rooms = [f"mem{i}" for i in range(max(1, (warm + connections) // 100))]
 
-    def open_range(ids: range) -> None:
-        opened = gen.each(
-            "open",
-            [
-                {
-                    "url": target.url,
-                    "kind": "chat",
-                    "ids": mine,
-                    "rooms": rooms,
-                    "tag": "m",
-                    "senders": 0,
-                    "sources": [SOURCES[w % len(SOURCES)]],
-                }
-                for w, mine in enumerate(gen.split(ids))
-            ],
-        )
-        failed = sum(o["error_count"] for o in opened)
-        if failed:
-            raise RuntimeError(f"{failed} clients could not connect: {opened[0]['errors']}")
-
     try:
-        open_range(range(warm))
+        open_idle(gen, target, range(warm), rooms, "m")
         time.sleep(1)
         _ask(target, "snapshot a")
         rss_a = rss_bytes(target.pid)
-        open_range(range(warm, warm + connections))
+        open_idle(gen, target, range(warm, warm + connections), rooms, "m")
         time.sleep(settle)
         _ask(target, "snapshot b")
         rss_b = rss_bytes(target.pid)
