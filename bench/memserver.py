@@ -51,12 +51,13 @@ def report(
     after: tuple[tracemalloc.Snapshot, Census],
     n: int,
 ) -> dict[str, Any]:
-    # Statistics are filtered after grouping, by their innermost frame: filtering the
+    # Statistics are filtered after grouping, by their innermost frame (a traceback is
+    # ordered oldest frame first, so that is the last one): filtering the
     # traces themselves (Snapshot.filter_traces) takes tens of seconds here.
     own = (__file__, tracemalloc.__file__, linecache.__file__, "<frozen importlib")
 
     def kept(stats: list[tracemalloc.StatisticDiff]) -> list[tracemalloc.StatisticDiff]:
-        return [s for s in stats if not s.traceback[0].filename.startswith(own)]
+        return [s for s in stats if not s.traceback[-1].filename.startswith(own)]
 
     old, new = before[0], after[0]
     by_line = kept(new.compare_to(old, "lineno"))
@@ -64,7 +65,7 @@ def report(
     total = sum(stat.size_diff for stat in by_line)
     sites = []
     for stat in sorted(by_line, key=lambda s: s.size_diff, reverse=True)[:TOP]:
-        frame = stat.traceback[0]
+        frame = stat.traceback[-1]
         sites.append(
             {
                 "site": f"{_short(frame.filename)}:{frame.lineno}",
@@ -75,7 +76,7 @@ def report(
         )
     per_file: Counter[str] = Counter()
     for stat in by_line:
-        per_file[_short(stat.traceback[0].filename)] += stat.size_diff
+        per_file[_short(stat.traceback[-1].filename)] += stat.size_diff
     files = [
         {"file": name, "bytes_per_connection": round(size / n, 1)}
         for name, size in per_file.most_common(12)
