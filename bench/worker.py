@@ -111,7 +111,10 @@ class Worker:
             else:
                 client = await connect(i)
             self.clients[i] = client
-            self.sent[i] = 0  # a new client: its sequence starts again
+            if resume is None:
+                # A new client: its numbering (and so its client message ids) starts again.
+                # One that resumes goes on: the server would take a reused id as a retry.
+                self.sent[i] = 0
             for sender, seq in (last_seq or {}).items():
                 client.last[sender] = seq
             if kind != "chat":
