@@ -57,6 +57,16 @@ def raise_nofile() -> int:
     return want
 
 
+#: The server's per-address limits (flags), all 0 (no limit): every benchmark client
+#: comes from 127.0.0.x.
+PER_ADDRESS_LIMITS = (
+    "max-connections-per-ip",
+    "address-rate",
+    "catchup-rate",
+    "rooms-per-hour",
+    "nicks-per-hour",
+    "http-rate",
+)
 #: Server settings for the benchmark: limits raised out of the way, logging quiet.
 CHAT_ARGS = (
     "--rate",
@@ -65,8 +75,7 @@ CHAT_ARGS = (
     "100000",
     "--send-buffer-limit",
     str(16 * 1024 * 1024),
-    "--max-connections-per-ip",
-    "0",  # every benchmark client comes from 127.0.0.x
+    *(f"--{limit}=0" for limit in PER_ADDRESS_LIMITS),
 )
 
 
