@@ -54,6 +54,7 @@ class Window:
 
     server: int
     generator: Sequence[int]
+    server_core: int | None = 0
     wall: float = 0.0
     server_cpu: float = 0.0
     generator_cpu: float = 0.0
@@ -80,6 +81,11 @@ class Window:
             busy0, total0 = self.cores.get(core, (0, 0))
             if total > total0:
                 figures[f"core{core}_busy_pct"] = round((busy - busy0) / (total - total0) * 100, 1)
+        if self.server_core is not None and f"core{self.server_core}_busy_pct" in figures:
+            # What else ran on the server's core (other processes, the kernel's own work):
+            # a figure taken on a busy machine says so here.
+            others = figures[f"core{self.server_core}_busy_pct"] - figures["server_cpu_pct"]
+            figures["others_on_server_core_pct"] = round(max(0.0, others), 1)
         return figures
 
 

@@ -181,6 +181,7 @@ STEP_KEYS = (
     "server_cpu_us_per_delivery",
     "generator_cpu_pct",
     f"core{SERVER_CPU}_busy_pct",
+    "others_on_server_core_pct",
     "saturated",
 )
 
