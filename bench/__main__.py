@@ -355,11 +355,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=5.0, help="msg/s per client (fan-out)")
     parser.add_argument(
         "--rates",
-        default="5,10,15,20,25,30,40,50,60",
+        default="2,5,10,15,20,30,40,50,60",
         help="msg/s per client, the saturation steps",
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each run")
-    parser.add_argument("--step-seconds", type=float, help="length of a saturation step")
+    parser.add_argument(
+        "--step-seconds", type=float, default=5.0, help="length of a saturation step"
+    )
     parser.add_argument("--idle", type=int, default=10_000, help="idle connections")
     parser.add_argument(
         "--per-process", type=int, default=15_000, help="most idle connections per generator"

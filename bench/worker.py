@@ -132,7 +132,12 @@ class Worker:
             client.waiter = synced
             client.data.update(nick=nick, room=room, synced=synced, high=0, replayed=0)
             client.send(json.dumps(hello))
-            await synced
+            try:
+                await synced
+            except BaseException:
+                del self.clients[i]  # refused: it is counted as an error, not as a receiver
+                client.abort()
+                raise
             if client.data.get("secret"):
                 new_secrets[nick] = client.data["secret"]
             if report:
