@@ -45,6 +45,8 @@ from bench.workloads import (
 )
 
 WORKLOADS = ("fanout", "saturation", "idle", "memory", "persistence", "storm")
+#: Others' share of the server's core (%) above which a figure is flagged as noisy.
+NOISY_PCT = 15.0
 #: Connections one process (server or generator) may hold, below its open-files limit.
 FD_MARGIN = 300
 
@@ -254,6 +256,14 @@ def report(results: list[Result], load: dict[str, Any]) -> str:
     lines.append("")
     for result in failed:
         lines.append(f"FAILED: {result.workload} {result.target}: {result.figures['error']}")
+    for (workload, kind), fig in by.items():
+        windows = [fig, *fig.get("steps", [])]
+        others = max((w.get("others_on_server_core_pct", 0.0) for w in windows), default=0.0)
+        if others > NOISY_PCT:
+            lines.append(
+                f"WARNING: {workload} {kind}: other processes took up to {others}% of the "
+                "server's core: the machine was not quiet, these figures measured it too"
+            )
     f_chat, f_base = by.get(("fanout", "chat")), by.get(("fanout", "relay"))
     if f_chat and f_base and f_base["server_cpu_s"]:
         lines.append(

@@ -237,9 +237,6 @@ def saturation(
     )
 
 
-__all__ = ["SOURCES", "Result", "fanout", "saturation"]
-
-
 # --- idle memory -------------------------------------------------------------------------
 
 
