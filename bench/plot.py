@@ -26,6 +26,7 @@ def check() -> None:
 
 def draw(results: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -51,6 +52,9 @@ def draw(results: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
         busy_axis.plot(x, busy, linestyle=":", color=color)
     lat.axhline(LIMIT_MS, color="tab:red", linestyle="--", linewidth=1, label="p99 limit 50 ms")
     lat.set_yscale("log")
+    lat.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    lat.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    lat.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     lat.set_xlabel("deliveries/s (thousands)")
     lat.set_ylabel("p99 latency, ms (log)")
     lat.set_title("Saturation: p99 against load")
