@@ -265,13 +265,13 @@ def report(results: list[Result], load: dict[str, Any]) -> str:
                 "server's core: the machine was not quiet, these figures measured it too"
             )
     f_chat, f_base = by.get(("fanout", "chat")), by.get(("fanout", "relay"))
-    if f_chat and f_base and f_base["server_cpu_s"]:
+    if f_chat and f_base and f_base["server_cpu_us_per_delivery"]:
+        ratio = f_chat["server_cpu_us_per_delivery"] / f_base["server_cpu_us_per_delivery"]
         lines.append(
-            f"fanout: server CPU chat/relay = "
-            f"{f_chat['server_cpu_s'] / f_base['server_cpu_s']:.2f}x "
-            f"(target <= 0.6x); CPU-us per delivery chat {f_chat['server_cpu_us_per_delivery']} "
-            f"relay {f_base['server_cpu_us_per_delivery']}; p99 chat {f_chat['p99_ms']} ms, "
-            f"lost {f_chat['lost']}"
+            f"fanout: server CPU per delivery chat/relay = {ratio:.2f}x (target <= 0.6x): "
+            f"chat {f_chat['server_cpu_us_per_delivery']} us, relay "
+            f"{f_base['server_cpu_us_per_delivery']} us; p99 chat {f_chat['p99_ms']} ms, relay "
+            f"{f_base['p99_ms']} ms; lost chat {f_chat['lost']}, relay {f_base['lost']}"
         )
     s_chat, s_base = by.get(("saturation", "chat")), by.get(("saturation", "relay"))
     for kind, fig in (("relay", s_base), ("chat", s_chat)):

@@ -53,7 +53,7 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
         timeout=110,
     )
     assert done.returncode == 0, done.stderr
-    assert "fanout: server CPU chat/relay" in done.stdout
+    assert "fanout: server CPU per delivery chat/relay" in done.stdout
     data = json.loads(out.read_text())
     results = {(r["workload"], r["target"]): r["figures"] for r in data["results"]}
     assert set(results) == {
