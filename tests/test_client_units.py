@@ -9,8 +9,8 @@ import pytest
 from chat_client.commands import Command, Invalid, Say, parse
 from chat_client.linemode import format_entry
 from chat_client.model import ChatModel, EntryKind
+from chat_client.render import Look, render_entry
 from chat_client.sanitize import clean
-from chat_client.tui import render_entry
 
 HOSTILE = {
     "csi": "\x1b[2J\x1b[H",
@@ -126,8 +126,9 @@ def test_untrusted_text_reaches_fragments_clean() -> None:
     model = ChatModel("alice", "lobby")
     model.apply(msg(1, "x" + HOSTILE["osc 52 clipboard"] + "y", sender="ev\x1b[1mil"))
     entry = model.window("#lobby").lines()[0]
-    for _, text, *_ in render_entry(entry):
-        assert "\x1b" not in text and "\x07" not in text
+    for line in render_entry(entry, Look(80)):
+        for _, text, *_ in line:
+            assert "\x1b" not in text and "\x07" not in text
     line = format_entry(entry)
     assert line is not None and line.endswith("#lobby <evil> xy")
 
