@@ -168,13 +168,22 @@ class ChatClient:
             await connection
         return self.exit_code
 
-    async def _run_lines(self) -> bool:
-        """Line mode until quit or end of input; True to open the full-screen UI."""
+    async def _run_lines(self, back: bool = False) -> bool:
+        """Line mode until quit or end of input; True to open the full-screen UI.
+
+        ``back``: the person who used the full-screen UI of this demo client quit it.
+        """
         self.model.listeners.append(self.printer)
         # A demo client in a terminal (an attached replica) waits for Enter to open the UI.
         to_ui = self.config.demo and self.interactive()
         loop = asyncio.get_running_loop()
         if to_ui:
+            if back:
+                self.model.notice(
+                    "back in demo mode: this replica goes on chatting by itself (to stop "
+                    "it: docker compose stop, or scale down)",
+                    SERVER_WINDOW,
+                )
             self.model.notice(ATTACH_HINT, SERVER_WINDOW)
             # `docker attach` resizes the terminal: say again what to do, to whoever came.
             loop.add_signal_handler(signal.SIGWINCH, self._hint_soon)

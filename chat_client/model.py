@@ -80,6 +80,7 @@ class Window:
     ids: set[int] = field(default_factory=set)
     members: list[str] = field(default_factory=list)
     joined: bool = False  # a room we are in (its names were shown)
+    names_due: bool = False  # show who is here once the room's catch-up is in
     unread: int = 0
     activity: Activity = Activity.NONE
     oldest_id: int | None = None
@@ -354,8 +355,7 @@ class ChatModel:
         window = self.window(name)
         window.members = [str(m) for m in frame.get("members", [])]
         if not window.joined:
-            window.joined = True
-            self.notice(_names_line(name, window.members), name)
+            window.joined = window.names_due = True
         if self.active == SERVER_WINDOW:
             self.switch(name)
 
@@ -380,8 +380,19 @@ class ChatModel:
         window.loading = False
         window.more = bool(frame.get("more"))
         self._fill_gap(window, messages, window.more)
+        self._names(window)
         if frame.get("ref") == "history":
             self.notice(_loaded_line(target, added, window.more), target)
+
+    def _names(self, window: Window) -> None:
+        """Who is in a room we joined: after its history, so it reads as "now"."""
+        if window.names_due:
+            window.names_due = False
+            self.notice(_names_line(window.name, window.members), window.name)
+
+    def _on_synced(self, frame: Frame) -> None:
+        for window in list(self.windows.values()):
+            self._names(window)
 
     def _on_gap(self, frame: Frame) -> None:
         after, before = int(frame.get("after", 0)), int(frame.get("before", 0))
