@@ -245,6 +245,7 @@ class ChatConnection:
         self._waiting: Refusal | None = None  # set: do not reconnect until the user acts
         self._closing_for: Refusal | None = None
         self._background: set[asyncio.Future[None]] = set()
+        self._hello_frame: Frame | None = None
 
     # --- what the rest of the client calls -------------------------------------------------
 
@@ -508,6 +509,7 @@ class ChatConnection:
         hello["takeover"] = self.takeover
         if self.last_id:
             hello["resume"] = self.last_id
+        self._hello_frame = hello
         return hello
 
     def _track(self, frame: Frame) -> None:
@@ -573,8 +575,12 @@ class ChatConnection:
         ref = frame.get("ref")
         cid = frame.get("cid")
         retry_after = frame.get("retry_after")
-        if isinstance(retry_after, int | float) and code == "rate_limited":
-            self.pacer.hold(float(retry_after))
+        if code == "rate_limited":
+            wait = retry_after if isinstance(retry_after, int | float) else 1.0
+            self.pacer.hold(float(wait))
+            if not self.welcomed and self._hello_frame is not None:
+                self._push(self._hello_frame)  # the hello itself: again, when allowed
+                return
         if code in ("nick_taken", "nick_in_use", "nick_invalid"):
             during = isinstance(ref, str) and ref.startswith("nick:")
             nick = ref[5:] if during and isinstance(ref, str) else self.nick
