@@ -150,17 +150,15 @@ class ChatClient:
             elif self.interactive() and not self.config.demo:
                 await self._run_ui()
             else:
-                while await self._run_lines() and not self.quit.is_set():
+                back = False
+                while await self._run_lines(back) and not self.quit.is_set():
                     # A person opened the UI of this demo client; /quit comes back here.
                     if self.bot is not None:
                         self.bot.paused = True
                     await self._run_ui()
                     if self.bot is not None:
                         self.bot.paused = False
-                    self.model.notice(
-                        f"back in demo mode: this replica keeps chatting by itself. {ATTACH_HINT}",
-                        SERVER_WINDOW,
-                    )
+                    back = True
         finally:
             if bot is not None:
                 bot.cancel()
