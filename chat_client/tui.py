@@ -39,16 +39,18 @@ if TYPE_CHECKING:
 STYLE = Style.from_dict(
     {
         **STYLES,
+        # The bars are reverse video (right on dark and light terminals alike); what has
+        # colours of its own says "noreverse", or the bar's reverse would swap them.
         "bar": "reverse",
-        "bar.offline": "bg:ansired fg:ansiwhite",
-        "bar.more": "bg:ansiyellow fg:ansiblack bold",
-        "bar.unsent": "bg:ansiyellow fg:ansiblack",
+        "bar.offline": "noreverse bg:ansired fg:ansiwhite",
+        "bar.more": "noreverse bg:ansiyellow fg:ansiblack bold",
+        "bar.unsent": "noreverse bg:ansiyellow fg:ansiblack",
         "win": "reverse",
-        "win.active": "bold bg:ansiblue fg:ansiwhite",
+        "win.active": "noreverse bold bg:ansiblue fg:ansiwhite",
         "act.low": "reverse",
         "act.message": "reverse bold",
-        "act.private": "bg:ansigreen fg:ansiblack bold",
-        "act.highlight": "bg:ansimagenta fg:ansiwhite bold",
+        "act.private": "noreverse bg:ansigreen fg:ansiblack bold",
+        "act.highlight": "noreverse bg:ansimagenta fg:ansiwhite bold",
         "prompt": "bold",
         "question": "bold bg:ansiyellow fg:ansiblack",
     }
