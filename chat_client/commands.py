@@ -39,7 +39,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("/ignore [NICK]", "hide NICK's messages, joins and DMs; alone: list ignored"),
     Spec("/unignore NICK", "stop ignoring NICK", (), True),
     Spec(
-        "/highlight [WORD|-WORD]",
+        "/highlight [[-]WORD]",
         "highlight (and ring for) WORD, or stop; alone: list",
         ("/hilight",),
     ),
@@ -121,12 +121,18 @@ def parse(line: str) -> Command | Say | Invalid | None:
 
 
 def help_lines() -> list[str]:
-    """Every command with its aliases, every key: the text of the help window."""
-    width = max(len(spec.usage) for spec in SPECS)
-    lines = ["Commands (a line not starting with / is said in this window; // sends a /):"]
-    for spec in SPECS:
-        aliases = f"  (also {', '.join(spec.aliases)})" if spec.aliases else ""
-        lines.append(f"  {spec.usage.ljust(width)}  {spec.help}{aliases}")
+    """Every command with its aliases, every key: the text of the help window.
+
+    Each entry is "name  description", the description starting after a run of at
+    least two spaces: the help window wraps a long description under itself.
+    """
+    names = {
+        spec: spec.usage + (f" ({', '.join(spec.aliases)})" if spec.aliases else "")
+        for spec in SPECS
+    }
+    width = max(map(len, names.values()))
+    lines = ["Commands (other lines are said here; // starts a line with /):"]
+    lines += [f"  {names[spec].ljust(width)}  {spec.help}" for spec in SPECS]
     key_width = max(len(key) for key, _ in KEYS)
     lines.append("Keys:")
     lines += [f"  {key.ljust(key_width)}  {text}" for key, text in KEYS]

@@ -73,6 +73,8 @@ class Controller:
     def status(self, status: Status) -> None:
         self.retry_at = status.retry_at
         self.model.status = status.state.value
+        if status.state != LinkState.CONNECTED:
+            self.model.stop_loading()
         if status.refusal is not None:
             self._refused(status)
         elif status.state == LinkState.CONNECTED:

@@ -193,8 +193,11 @@ class ChatModel:
 
     # --- entries ---------------------------------------------------------------------------
 
-    def notice(self, text: str, window: str | None = None, tone: str = "notice") -> None:
-        self._add(Entry(EntryKind.NOTICE, window or self.active, text, tone=tone))
+    def notice(
+        self, text: str, window: str | None = None, tone: str = "notice", *, live: bool = True
+    ) -> None:
+        """A line from the client itself; ``live=False``: no activity for the window."""
+        self._add(Entry(EntryKind.NOTICE, window or self.active, text, tone=tone), live=live)
 
     def notice_once(self, key: str, text: str, every: float, window: str | None = None) -> None:
         """A notice at most once per ``every`` seconds (for things that come in floods)."""
@@ -302,6 +305,11 @@ class ChatModel:
                 self.on_mention(entry)
         return entry
 
+    def stop_loading(self) -> None:
+        """No history page is on its way (refused, or the connection is gone)."""
+        for window in self.windows.values():
+            window.loading = False
+
     # --- settings the user changes ---------------------------------------------------------
 
     def set_away(self, reason: str | None) -> list[Entry]:
@@ -388,7 +396,7 @@ class ChatModel:
         """Who is in a room we joined: after its history, so it reads as "now"."""
         if window.names_due:
             window.names_due = False
-            self.notice(_names_line(window.name, window.members), window.name)
+            self.notice(_names_line(window.name, window.members), window.name, live=False)
 
     def _on_synced(self, frame: Frame) -> None:
         for window in list(self.windows.values()):
@@ -496,6 +504,8 @@ class ChatModel:
         cid = frame.get("cid")
         if code in ("nick_taken", "nick_in_use", "nick_invalid"):
             return  # the controller asks or explains (it knows which request it was)
+        if frame.get("ref") in ("scroll", "history"):
+            self.stop_loading()  # a refused page: PgUp may ask again
         if isinstance(cid, str) and self.pending_entry(cid) is not None:
             entry = self.pending_entry(cid)
             assert entry is not None

@@ -8,6 +8,7 @@ marks wrap where the terminal will put them.
 
 from __future__ import annotations
 
+import re
 import time
 import zlib
 from dataclasses import dataclass
@@ -118,10 +119,7 @@ def render_entry(entry: Entry, look: Look) -> list[StyleAndTextTuples]:
 
 def _render(entry: Entry, look: Look) -> list[StyleAndTextTuples]:
     if entry.tone == "help" and entry.kind == EntryKind.NOTICE:
-        return [
-            [("class:notice.help", piece)]
-            for piece in wrap(clean(entry.text), look.width, look.width)
-        ]
+        return _help(clean(entry.text), look.width)
     prefix: StyleAndTextTuples = [("class:time", stamp(entry.ts, look.seconds) + " ")]
     suffix: StyleAndTextTuples = []
     if entry.kind in (EntryKind.NOTICE, EntryKind.GAP, EntryKind.PRESENCE):
@@ -174,6 +172,15 @@ def _render(entry: Entry, look: Look) -> list[StyleAndTextTuples]:
         else:
             lines.append([("", " " * indent), *suffix])
     return lines
+
+
+def _help(text: str, width: int) -> list[StyleAndTextTuples]:
+    """A help line: a description after "name  " wraps under the description."""
+    found = re.match(r"\s+\S.*?\s{2,}", text)
+    column = found.end() if found and found.end() <= width // 2 else 0
+    pieces = wrap(text[column:], width - column, width - column)
+    out = [text[:column] + pieces[0], *(" " * column + piece for piece in pieces[1:])]
+    return [[("class:notice.help", line)] for line in out]
 
 
 def day_line(ts: float, width: int) -> StyleAndTextTuples:

@@ -130,7 +130,12 @@ class ChatUI:
         model.on_mention = self._mention
 
     async def run(self) -> None:
-        await self.app.run_async()
+        try:
+            await self.app.run_async()
+        finally:
+            if self._last_title:
+                self.app.output.clear_title()  # not left saying "compose-chat" after us
+                self.app.output.flush()
 
     def refresh(self) -> None:
         self.app.invalidate()

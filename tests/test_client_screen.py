@@ -212,7 +212,7 @@ async def test_help_is_a_window_listing_every_command_alias_and_key(
             for spec in SPECS:
                 assert spec.usage in text, spec.usage
                 if spec.aliases:
-                    assert f"(also {', '.join(spec.aliases)})" in text, spec.aliases
+                    assert f"({', '.join(spec.aliases)})" in text, spec.aliases
             for key, _ in KEYS:
                 assert key in text, key
             assert "Ctrl-P is Docker's" in text
