@@ -283,7 +283,7 @@ class ChatUI:
         state = self.controller.status_text()
         window = model.window(model.active)
         where = f"{model.number(model.active)}:{self._label(model.active)}"
-        if model.active.startswith("#"):
+        if model.active.startswith("#") and window.joined:
             where += f" ({len(window.members)} here)"
         nick = clean(model.nick) + (" (away)" if model.away is not None else "")
         link_style = "class:bar" if state == "connected" else "class:bar.offline"

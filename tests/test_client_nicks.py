@@ -121,13 +121,14 @@ async def test_taking_over_your_own_live_nick_asks_and_the_replaced_client_says_
         await first.wait_for(lambda s: "#dev: 1 here" in s)
 
         second = Terminal(args)
-        await second.wait_for(lambda s: "alice is connected elsewhere: take over? (y/n)" in s)
+        # Asked in the window and on the input line.
+        await second.wait_for(lambda s: s.count("alice is connected elsewhere: take over?") == 2)
         assert "│ connected" in first.status(), "asking must not disturb the live session"
         second.type("n")
         await second.wait_for(lambda s: "not taken over" in s)
 
         second.type("/reconnect\r")
-        await second.wait_for(lambda s: "alice is connected elsewhere: take over? (y/n)" in s)
+        await second.wait_for(lambda s: s.count("alice is connected elsewhere: take over?") == 3)
         second.type("y")
         await second.wait_for(lambda s: "│ connected" in s)
         screen = await first.wait_for(lambda s: "this client was replaced" in s)
