@@ -360,6 +360,7 @@ class ChatConnection:
                 self._wait_for_user(Refusal("secret_store", self.nick, str(exc)))
                 continue
             detail = ""
+            floor = 0.0  # a wait the server asked for (HTTP 429 Retry-After)
             try:
                 async with connect(
                     self.url,
@@ -384,6 +385,7 @@ class ChatConnection:
                 continue
             except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
                 detail = describe_failure(exc, self.url)
+                floor = _retry_after(exc)
             finally:
                 self._ws = None
                 self.welcomed = self.synced = False
@@ -400,7 +402,7 @@ class ChatConnection:
                 self._retry_now.clear()
                 attempt = 0
                 continue
-            delay = self.backoff.delay(attempt)
+            delay = max(floor, self.backoff.delay(attempt))
             attempt += 1
             self._status(LinkState.RECONNECTING, detail, time.monotonic() + delay)
             await self._until(self._retry_now, delay)
@@ -666,6 +668,15 @@ def describe_close(ws: ClientConnection) -> str:
         return f"the server closed the connection: {reason or 'policy'}"
     words = _CLOSES.get(code, f"the server closed the connection (code {code})")
     return f"{words}: {reason}" if reason and code not in (1000, 1001) else words
+
+
+def _retry_after(exc: BaseException) -> float:
+    """The seconds a 429 answer asked us to wait (0 if it did not say)."""
+    if isinstance(exc, InvalidStatus) and exc.response.status_code == 429:
+        value = exc.response.headers.get("Retry-After", "")
+        if value.isdigit():
+            return min(float(value), 300.0)
+    return 0.0
 
 
 def describe_failure(exc: BaseException, url: str) -> str:

@@ -365,3 +365,21 @@ def test_secret_store_proposes_keeps_and_discards(tmp_path: Any) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(SecretStoreError, match="cannot keep your nick's secret"):
         SecretStore(tmp_path / "file").propose("ws://a:1", "newbie")
+
+
+def test_a_429_retry_after_is_a_floor_for_the_next_try() -> None:
+    from websockets.datastructures import Headers
+    from websockets.exceptions import InvalidStatus
+    from websockets.http11 import Response
+
+    from chat_client.connection import _retry_after
+
+    def status(code: int, retry: str | None) -> InvalidStatus:
+        headers = Headers({"Retry-After": retry} if retry else {})
+        return InvalidStatus(Response(code, "x", headers))
+
+    assert _retry_after(status(429, "7")) == 7.0
+    assert _retry_after(status(429, "99999")) == 300.0
+    assert _retry_after(status(429, None)) == 0.0
+    assert _retry_after(status(503, "7")) == 0.0
+    assert _retry_after(OSError()) == 0.0
