@@ -180,3 +180,40 @@ async def test_line_mode_takes_over_a_live_nick_only_when_told_to(db: Path, tmp_
             assert await live.closed() == 4001
     finally:
         proc.stop()
+
+
+async def test_the_first_hello_asks_and_automatic_reconnects_take_the_nick_back(
+    db: Path, tmp_path: Path
+) -> None:
+    proc = ServerProcess(db).start()
+    client = subprocess.Popen(
+        line_client(proc.url, "steady", tmp_path, "--trace", "--ping-interval", "1"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    hellos: list[dict[str, object]] = []
+
+    def read() -> None:
+        assert client.stderr is not None
+        for line in client.stderr:
+            if line.startswith('> {"type":"hello"'):
+                hellos.append(json.loads(line[2:]))
+
+    reader = asyncio.get_running_loop().run_in_executor(None, read)
+    try:
+        for count in (1, 2):
+            async with asyncio.timeout(30):
+                while len(hellos) < count:
+                    await asyncio.sleep(0.05)
+            if count == 1:
+                await asyncio.sleep(1)  # connected
+                proc.kill()
+                proc.start()
+        assert [h["takeover"] for h in hellos] == [False, True]
+        assert hellos[1]["secret"] == hellos[0]["secret"]
+    finally:
+        client.kill()
+        await reader
+        proc.stop()
