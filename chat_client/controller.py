@@ -130,8 +130,9 @@ class Controller:
             )
         elif code == "replaced":
             self._offline_since = None
+            why = refusal.message.removeprefix("replaced: ")
             model.notice(
-                f"this client was replaced: {refusal.message}. It is offline now; "
+                f"this client was replaced: {why}. It is offline now; "
                 f"/reconnect takes {nick} back (it asks first).",
                 tone="error",
             )
