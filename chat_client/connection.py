@@ -190,7 +190,8 @@ class MessageRefused(ValueError):
 class _Outgoing:
     frame: Frame
     seq: int
-    inflight: bool = False
+    inflight: bool = False  # sent on this connection, not yet answered
+    sent: bool = False  # ever sent, on any connection
     attempts: int = 0
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
@@ -289,14 +290,15 @@ class ChatConnection:
         return cid
 
     def cancel(self, cid: str) -> bool | None:
-        """Stop (re)sending a message. None: unknown; True: it was never in flight on this
-        connection, so it will not be stored; False: it is in flight and may still be."""
+        """Stop (re)sending a message. None: unknown; True: it was never sent, so it will
+        not be stored; False: it was sent already (perhaps before a reconnect) and the
+        server may have stored it."""
         out = self._out.pop(cid, None)
         if out is None:
             return None
         if out.timer is not None:
             out.timer.cancel()
-        return not out.inflight
+        return not out.sent
 
     def request(self, frame: Frame) -> bool:
         """Send a request now; False when offline (requests are not queued)."""
@@ -464,7 +466,7 @@ class ChatConnection:
         out = self._out.get(cid)
         if out is None or out.inflight:  # acknowledged, cancelled or already on its way
             return None
-        out.inflight = True
+        out.inflight = out.sent = True
         return out.frame
 
     def _push(self, request: Frame) -> None:

@@ -447,7 +447,7 @@ class Controller:
             never_sent = self.connection.cancel(cid)
             note = "cancelled"
             if never_sent is False:
-                note += " (it was on its way: the server may still store it)"
+                note += " (it had been sent: the server may have stored it)"
             self.model.fail_pending(cid, note)
 
     def _expand(self, args: str) -> None:
