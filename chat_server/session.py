@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,9 +134,11 @@ class Session:
         self.strikes = 0
         self.gone = False
         # Requests waiting for the worker, and reply places in order: created when a frame
-        # comes in and dropped once empty (two empty deques are 1.5 KiB per idle connection).
-        self.queue: deque[tuple[Slot, ClientFrame]] | None = None
-        self.replies: deque[Slot] | None = None
+        # comes in and dropped once empty. Lists, not deques: at most BACKLOG_HIGH long, so
+        # taking the first is cheap, and an almost empty deque costs 624 bytes, a list 56
+        # (this is per connection, while a burst of hellos waits for the store).
+        self.queue: list[tuple[Slot, ClientFrame]] | None = None
+        self.replies: list[Slot] | None = None
         self.worker: asyncio.Task[None] | None = None
 
     # --- the connection's life, as the link reports it ------------------------------------
@@ -153,7 +154,7 @@ class Session:
         slot = Slot(self)
         replies = self.replies
         if replies is None:
-            replies = self.replies = deque()
+            replies = self.replies = []
         replies.append(slot)
         try:
             request = self._admit(slot, data)
@@ -164,7 +165,7 @@ class Session:
         if request is None:
             return
         if self.queue is None:
-            self.queue = deque()
+            self.queue = []
         self.queue.append((slot, request))
         if self.worker is None:
             self.worker = self.link.spawn(self._work())
@@ -257,7 +258,7 @@ class Session:
         if replies is None:
             return data
         while replies and replies[0].done:
-            data.extend(replies.popleft().frames)
+            data.extend(replies.pop(0).frames)
         if replies:
             turn = replies[0].turn
             if turn is not None and not turn.done():
@@ -303,7 +304,7 @@ class Session:
     async def _work(self) -> None:
         try:
             while self.queue:
-                slot, request = self.queue.popleft()
+                slot, request = self.queue.pop(0)
                 if not self.queue:
                     self.queue = None
                 try:
