@@ -489,7 +489,7 @@ class Session:
         truncated = False
         kept: list[bytes] | None = []
         # First pass, newest first: how far back the budgets reach.
-        async for page in self._pages(scope, after=after, page=64):
+        async for page in self._pages(scope, after=after, page=16):
             for message in page:
                 data = encode(message.frame())
                 if count == config.resume_cap or (count and size + len(data) > config.resume_bytes):
@@ -510,7 +510,7 @@ class Session:
         elif count:
             # Second pass, oldest first, a page at a time: never the whole replay in memory.
             async for page in self._pages(
-                scope, after=oldest - 1, before=newest + 1, oldest_first=True, page=64
+                scope, after=oldest - 1, before=newest + 1, oldest_first=True, page=16
             ):
                 await self._paced([encode(message.frame()) for message in page])
         high = max(after, newest)
@@ -553,10 +553,10 @@ class Session:
         size = 2  # the brackets of the messages array; each message adds itself and a comma
         more = False
         newest = 0
+        # A first page about as large as the budget holds of typical messages.
+        first = max(2, min(limit + 1, budget // 2048))
         async with self.ctx.catchups:
-            async for page in self.ctx.store.messages(
-                scope, before=before, page=min(limit + 1, 32)
-            ):
+            async for page in self.ctx.store.messages(scope, before=before, page=first):
                 for message in page:
                     data = b"" if len(taken) == limit else encode(message.frame())
                     if len(taken) == limit or (taken and size + len(data) + 1 > budget):

@@ -103,6 +103,8 @@ MIGRATIONS: tuple[str, ...] = (
 _COLUMNS = "id, ts, room, sender_key, sender, recipient_key, recipient, action, body, cid"
 _ROW_MARKS = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # channel + the columns above
 _NO_ID = 2**63 - 1
+#: The most rows one page of :meth:`Store.messages` reads.
+MAX_PAGE = 256
 
 
 class StoreUnavailable(Exception):
@@ -600,7 +602,8 @@ class Store:
 
         Newest first unless ``oldest_first``. Each page is its own short query (keyset
         paging), so a reader that stops early costs nothing more and no read transaction
-        stays open between pages.
+        stays open between pages. The first page holds ``page`` rows, each next one twice
+        as many (up to ``MAX_PAGE``): a caller that needs few rows reads few.
         """
         where, params = _scope_sql(scope)
         order = "ASC" if oldest_first else "DESC"
@@ -619,6 +622,7 @@ class Store:
             yield messages
             if len(messages) < page:
                 return
+            page = min(page * 2, MAX_PAGE)
             if oldest_first:
                 low = messages[-1].id
             else:
