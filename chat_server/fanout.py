@@ -28,6 +28,22 @@ log = logging.getLogger(__name__)
 
 #: A frame waiting in a hold: its bytes, and the stored message it carries, if any.
 Held = tuple[bytes, StoredMessage | None]
+
+
+class Hold:
+    """Frames kept for a member during its catch-up, in order, with their total size."""
+
+    __slots__ = ("frames", "size")
+
+    def __init__(self) -> None:
+        self.frames: list[Held] = []
+        self.size = 0
+
+    def append(self, data: bytes, message: StoredMessage | None) -> None:
+        self.frames.append((data, message))
+        self.size += len(data)
+
+
 #: One frame for some recipients: who, the encoded frame, the stored message it carries.
 Delivery = tuple[Iterable["Member"], bytes, StoredMessage | None]
 
@@ -36,7 +52,7 @@ class Member(Protocol):
     link: Link
     nick: str
     nick_key: str
-    hold: list[Held] | None
+    hold: Hold | None
     #: The rooms this member is in, kept by the hub.
     rooms: list[str]
 
@@ -131,7 +147,7 @@ class Hub:
                     else:
                         frames.append(data)
                 else:
-                    member.hold.append((data, message))
+                    member.hold.append(data, message)
                     held.append(member)
         limit = self.buffer_limit
         for member, frames in queues.items():
@@ -148,10 +164,7 @@ class Hub:
         While a member holds, only the hold counts: the catch-up's own bytes sitting in
         the socket buffer are paced by the session and are not the client's fault.
         """
-        if member.hold is not None:
-            unsent = sum(len(data) for data, _ in member.hold)
-        else:
-            unsent = member.link.buffered()
+        unsent = member.hold.size if member.hold is not None else member.link.buffered()
         if unsent > self.buffer_limit:
             self.drop(member)
 

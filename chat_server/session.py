@@ -29,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +53,7 @@ from chat_protocol.frames import (
 from chat_protocol.limits import HISTORY_DEFAULT, MAX_ROOMS, MEMBERS_MAX
 from chat_protocol.names import nick_key
 from chat_server.config import ServerConfig
-from chat_server.fanout import Held, Hub, Member
+from chat_server.fanout import Hold, Hub, Member
 from chat_server.link import Link
 from chat_server.messages import Draft, Scope, StoredMessage
 from chat_server.presence import Presence
@@ -130,7 +131,7 @@ class Session:
         #: Direct messages with a larger id belong to this nick's registration.
         self.since = 0
         self.rooms: list[str] = []
-        self.hold: list[Held] | None = None
+        self.hold: Hold | None = None
         self.bucket = TokenBucket(ctx.config.rate, ctx.config.burst)
         self.strikes = 0
         self.gone = False
@@ -425,7 +426,7 @@ class Session:
         if self.hello_timer is not None:
             self.hello_timer.cancel()
             self.hello_timer = None
-        self.hold = []
+        self.hold = Hold()
         hub.add(self)
         for room in hello.rooms:
             hub.join(self, room)
@@ -489,20 +490,23 @@ class Session:
         truncated = False
         kept: list[bytes] | None = []
         # First pass, newest first: how far back the budgets reach.
-        async for page in self._pages(scope, after=after, page=16):
-            for message in page:
-                data = encode(message.frame())
-                if count == config.resume_cap or (count and size + len(data) > config.resume_bytes):
-                    truncated = True
+        async with aclosing(self._pages(scope, after=after, page=16)) as pages:
+            async for page in pages:
+                for message in page:
+                    data = encode(message.frame())
+                    if count == config.resume_cap or (
+                        count and size + len(data) > config.resume_bytes
+                    ):
+                        truncated = True
+                        break
+                    count, size = count + 1, size + len(data)
+                    newest, oldest = newest or message.id, message.id
+                    if kept is not None and size <= REPLAY_KEEP_BYTES:
+                        kept.append(data)
+                    else:
+                        kept = None
+                if truncated:
                     break
-                count, size = count + 1, size + len(data)
-                newest, oldest = newest or message.id, message.id
-                if kept is not None and size <= REPLAY_KEEP_BYTES:
-                    kept.append(data)
-                else:
-                    kept = None
-            if truncated:
-                break
         if truncated:
             self.link.write([encode({"type": "gap", "after": after, "before": oldest})])
         if kept is not None:
@@ -555,8 +559,9 @@ class Session:
         newest = 0
         # A first page about as large as the budget holds of typical messages.
         first = max(2, min(limit + 1, budget // 2048))
-        async with self.ctx.catchups:
-            async for page in self.ctx.store.messages(scope, before=before, page=first):
+        pages = self.ctx.store.messages(scope, before=before, page=first)
+        async with self.ctx.catchups, aclosing(pages):
+            async for page in pages:
                 for message in page:
                     data = b"" if len(taken) == limit else encode(message.frame())
                     if len(taken) == limit or (taken and size + len(data) + 1 > budget):
@@ -576,7 +581,7 @@ class Session:
         )
         return frame, newest
 
-    async def _pages(self, scope: Scope, **query: Any) -> AsyncIterator[list[StoredMessage]]:
+    async def _pages(self, scope: Scope, **query: Any) -> AsyncGenerator[list[StoredMessage], None]:
         """The store's pages of a scope, each read under the server-wide catch-up cap."""
         pages = self.ctx.store.messages(scope, **query)
         try:
@@ -598,7 +603,7 @@ class Session:
 
     def _release(self, covered: Covered) -> None:
         """End a hold: write what live traffic came in, minus what the catch-up sent."""
-        held, self.hold = self.hold or [], None
+        held, self.hold = self.hold.frames if self.hold else [], None
         data = [frame for frame, message in held if message is None or not covered(message)]
         if data and not self.gone:
             self.link.write(data)
@@ -646,7 +651,7 @@ class Session:
         if not already and len(self.rooms) >= MAX_ROOMS:
             raise ProtocolError(ErrorCode.TOO_MANY_ROOMS, f"at most {MAX_ROOMS} rooms at once")
         await self._new_rooms([join.room], 1)
-        self.hold = []
+        self.hold = Hold()
         covered: Covered = _nothing
         try:
             hub.join(self, join.room)

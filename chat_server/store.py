@@ -335,6 +335,19 @@ class Store:
         (a quota), without looking at anything else.
         """
 
+        # Most claims are a client coming back with its secret: a read answers those, with
+        # no transaction in the writer's queue. Anything that may write goes to the writer.
+        rows = await self._reader.execute_fetchall(
+            "SELECT nick, secret_hash, confirmed, created_ts, since_id FROM nicks"
+            " WHERE nick_key = ?",
+            (key,),
+        )
+        for registered, hashed, confirmed, _, since in rows:
+            if confirmed:  # a confirmed registration never changes: nothing to write
+                if secret is not None and hmac.compare_digest(hashed, _hash_secret(secret)):
+                    return NickClaim(ClaimStatus.GRANTED, registered, since=int(since))
+                return NickClaim(ClaimStatus.TAKEN, registered)
+
         async def claim(db: aiosqlite.Connection) -> NickClaim:
             async with db.execute(
                 "SELECT nick, secret_hash, confirmed, created_ts FROM nicks WHERE nick_key = ?",
