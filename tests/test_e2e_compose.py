@@ -91,7 +91,7 @@ async def test_scale_to_5_and_back_while_chatting(stack: Stack) -> None:
             while not new <= joined:
                 frame = await host.recv(10)
                 if frame["type"] == "presence" and frame["event"] == "join":
-                    joined.add(str(frame["nick"]))
+                    joined.update(str(nick) for nick in frame["nicks"])
         stack.up(3)
         assert len(stack.containers("client")) == 3
         await host.say("still chatting after scaling down")
