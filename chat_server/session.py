@@ -136,8 +136,9 @@ class Session:
         self.strikes = 0
         self.gone = False
         self.hello_timer: asyncio.TimerHandle | None = None
-        self.queue: deque[tuple[Slot, ClientFrame]] = deque()
-        self.replies: deque[Slot] = deque()
+        # Both exist only while something is pending: an idle connection holds neither.
+        self.queue: deque[tuple[Slot, ClientFrame]] | None = None
+        self.replies: deque[Slot] | None = None
         self.worker: asyncio.Task[None] | None = None
 
     # --- the connection's life, as the link reports it ------------------------------------
@@ -153,6 +154,8 @@ class Session:
         if self.gone:
             return
         slot = Slot(self)
+        if self.replies is None:
+            self.replies = deque()
         self.replies.append(slot)
         try:
             request = self._admit(slot, data)
@@ -162,10 +165,12 @@ class Session:
             return
         if request is None:
             return
+        if self.queue is None:
+            self.queue = deque()
         self.queue.append((slot, request))
         if self.worker is None:
             self.worker = asyncio.create_task(self._work())
-        if len(self.replies) >= BACKLOG_HIGH:
+        if self.replies is not None and len(self.replies) >= BACKLOG_HIGH:
             self.link.pause_reading()
 
     def closed(self) -> None:
@@ -174,8 +179,7 @@ class Session:
             self.hello_timer.cancel()
             self.hello_timer = None
         self.gone = True
-        self.queue.clear()
-        self.replies.clear()
+        self.queue = self.replies = None
         if self.worker is not None:
             self.worker.cancel()
             self.worker = None
@@ -257,12 +261,16 @@ class Session:
         """Take the answers that are now first in line, in order."""
         data: list[bytes] = []
         replies = self.replies
+        if replies is None:
+            return data
         while replies and replies[0].done:
             data.extend(replies.popleft().frames)
         if replies:
             turn = replies[0].turn
             if turn is not None and not turn.done():
                 turn.set_result(None)
+        else:
+            self.replies = None
         if len(replies) <= BACKLOG_LOW:
             self.link.resume_reading()
         return data
@@ -303,6 +311,8 @@ class Session:
         try:
             while self.queue:
                 slot, request = self.queue.popleft()
+                if not self.queue:
+                    self.queue = None
                 try:
                     await self._handle(slot, request)
                 except ProtocolError as exc:
