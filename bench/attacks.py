@@ -49,7 +49,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from bench.procstat import cpu_seconds, rss_bytes
+from bench.procstat import cpu_seconds, own_cpu_seconds, rss_bytes
 
 MIB = 1024 * 1024
 #: The server runs on the first CPU, the attackers on the second (when there are two).
@@ -129,11 +129,12 @@ class Server:
         raise RuntimeError("the server did not start")
 
     def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after 60 s; the exit status (negative: killed)."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
         self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(30)
+            return self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
@@ -195,11 +196,13 @@ def health(port: int, timeout: float = 2.0) -> tuple[int, float]:
 
 
 async def hello(
-    url: str, nick: str, *, source: str = "127.0.0.1", **fields: Any
+    url: str, nick: str | None = None, *, source: str = "127.0.0.1", **fields: Any
 ) -> tuple[ClientConnection, dict[str, Any]]:
     """Connect from ``source``, say hello; the connection and the server's first answer."""
     ws = await connect(url, local_addr=(source, 0), max_size=None, open_timeout=30)
-    await ws.send(json.dumps({"type": "hello", "nick": nick, **fields}))
+    if nick is not None:
+        fields["nick"] = nick
+    await ws.send(json.dumps({"type": "hello", **fields}))
     first = json.loads(await asyncio.wait_for(ws.recv(), 30))
     return ws, first
 
@@ -315,40 +318,67 @@ def sources(count: int) -> list[str]:
 
 
 async def _catchup_attackers(
-    url: str, rooms: list[str], addresses: int, per_address: int, seconds: float
+    url: str, rooms: list[str], addresses: int, per_address: int, seconds: float, patience: float
 ) -> dict[str, int]:
-    hellos = refused = failed = 0
+    """Each attacker registers its nick once, then: connect, hello with the secret (a
+    takeover), wait at most ``patience`` seconds for an answer, hang up, again."""
+    hellos = answered = refused = failed = 0
     stop_at = time.monotonic() + seconds
 
     async def attacker(source: str, n: int) -> None:
-        nonlocal hellos, refused, failed
-        nick, secret = f"atk{n}-{source.replace('.', '-')}", None
+        nonlocal hellos, answered, refused, failed
+        nick = f"atk{n}-{source.replace('.', '-')}"
+        try:
+            ws, first = await hello(url, nick, source=source, history=0)
+        except (OSError, TimeoutError, InvalidStatus, ConnectionClosed):
+            failed += 1
+            return
+        secret = first.get("secret")
+        ws.transport.abort()
         while time.monotonic() < stop_at:
-            fields: dict[str, Any] = {"rooms": rooms, "history": 200}
-            if secret is not None:
-                fields["secret"] = secret
             try:
-                ws, first = await hello(url, nick, source=source, **fields)
-            except (OSError, TimeoutError, InvalidStatus, ConnectionClosed):
+                ws = await connect(url, local_addr=(source, 0), max_size=None, open_timeout=5)
+            except (OSError, TimeoutError, InvalidStatus):
                 failed += 1
                 await asyncio.sleep(0.05)
                 continue
-            secret = first.get("secret", secret)
-            hellos += 1
-            refused += first["type"] == "error"
+            frame = {
+                "type": "hello",
+                "nick": nick,
+                "secret": secret,
+                "rooms": rooms,
+                "history": 200,
+            }
+            try:
+                await ws.send(json.dumps(frame))
+                hellos += 1
+                first = json.loads(await asyncio.wait_for(ws.recv(), patience))
+                answered += 1
+                refused += first["type"] == "error"
+            except (TimeoutError, ConnectionClosed):
+                pass
             ws.transport.abort()  # gone, without a word
 
     await asyncio.gather(
         *(attacker(source, n) for source in sources(addresses) for n in range(per_address))
     )
-    return {"hellos_sent": hellos, "hellos_refused": refused, "connections_failed": failed}
+    return {
+        "hellos_sent": hellos,
+        "hellos_answered_in_time": answered,
+        "hellos_refused": refused,
+        "connections_failed": failed,
+    }
 
 
-def _in_process(
-    function: Callable[..., Any], *args: Any
-) -> dict[str, int]:  # runs in the attackers' own process
+def _in_process(function: Callable[..., Any], *args: Any) -> dict[str, Any]:
+    """Run an attack's clients in this (the generator's own) process; add its CPU time,
+    to tell when a figure is the generator's limit rather than the server's."""
     _pin(GENERATOR_CPU)
-    result: dict[str, int] = asyncio.run(function(*args))
+    started, cpu = time.monotonic(), own_cpu_seconds()
+    result: dict[str, Any] = asyncio.run(function(*args))
+    result["generator_cpu_pct"] = round(
+        (own_cpu_seconds() - cpu) / (time.monotonic() - started) * 100
+    )
     return result
 
 
@@ -378,12 +408,16 @@ async def catchup(args: argparse.Namespace) -> dict[str, Any]:
                     args.addresses,
                     args.per_address,
                     args.seconds,
+                    args.patience,
                 )
                 ended = sampler.samples[-1]["t"]
                 cpu_attack = cpu_seconds(server.pid) - cpu_before
                 await asyncio.sleep(args.after)
         witness.stop()
         await witness_task
+        stopping = time.monotonic()
+        status = await asyncio.to_thread(server.stop)
+        stop_seconds = time.monotonic() - stopping
         samples = sampler.samples
         down_after = [s["t"] for s in samples if s["t"] > ended and s["healthz"] != 200]
         return {
@@ -404,6 +438,8 @@ async def catchup(args: argparse.Namespace) -> dict[str, Any]:
             "healthz_down_after_attack_s": round(max(down_after) - ended, 1) if down_after else 0,
             "healthz_max_s": max(s["healthz_s"] for s in samples),
             **witness.figures(),
+            "sigterm_exit_status": status,
+            "sigterm_seconds": round(stop_seconds, 1),
             "timeline": samples,
         }
 
@@ -489,88 +525,160 @@ async def backup(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def ratelimit(args: argparse.Namespace) -> dict[str, Any]:
+    """One nick, reconnecting as fast as it can, each time sending a burst of 40."""
     with running(args.server_arg) as server:
         server.start()
         ws, first = await hello(server.url, "fast", history=0)
         secret = first.get("secret")
-        await ws.close()
-        acked = 0
+        ws.transport.abort()
+        stop_at = time.monotonic() + args.seconds
+        connections = 0
+
+        async def burst() -> None:
+            nonlocal connections
+            while time.monotonic() < stop_at:
+                try:
+                    ws, _ = await hello(server.url, "fast", secret=secret, history=0)
+                    await until(ws, "synced", within=10)
+                    for n in range(40):
+                        body = {
+                            "type": "send",
+                            "cid": uuid.uuid4().hex,
+                            "room": "lobby",
+                            "body": str(n),
+                        }
+                        await ws.send(json.dumps(body))
+                    await asyncio.sleep(0.02)  # let the frames arrive, then go
+                    ws.transport.abort()
+                    connections += 1
+                except (OSError, TimeoutError, InvalidStatus, ConnectionClosed):
+                    await asyncio.sleep(0.01)
+
         started = time.monotonic()
-        while time.monotonic() - started < args.seconds:
-            ws, first = await hello(server.url, "fast", secret=secret, history=0)
-            await until(ws, "synced")
-            for n in range(40):
-                frame = {"type": "send", "cid": uuid.uuid4().hex, "room": "lobby", "body": f"{n}"}
-                await ws.send(json.dumps(frame))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.2):
-                    while True:
-                        acked += json.loads(await ws.recv())["type"] == "ack"
-            ws.transport.abort()
+        await asyncio.gather(*(burst() for _ in range(4)))
         elapsed = time.monotonic() - started
+        await asyncio.sleep(1.0)
+        stored = _count(server.db, "SELECT COUNT(*) FROM messages WHERE sender_key = 'fast'")
         return {
             "attack": "ratelimit",
             "seconds": round(elapsed, 1),
-            "acked": acked,
-            "acked_per_s": round(acked / elapsed, 1),
+            "connections": connections,
+            "messages_stored": stored,
+            "stored_per_s": round(stored / elapsed, 1),
         }
 
 
 async def quotas(args: argparse.Namespace) -> dict[str, Any]:
+    """From one address: hellos naming 32 new rooms each, then hellos with new nicks."""
+    source = sources(1)[0]
     with running(args.server_arg) as server:
         server.start()
-        rooms = nicks = 0
-        started = time.monotonic()
-        ws, _ = await hello(server.url, "builder", history=0)
-        await until(ws, "synced")
-        n = 0
-        while time.monotonic() - started < args.seconds:
-            batch = [f"room{n + k}" for k in range(20)]
-            n += 20
-            for name in batch:
-                await ws.send(json.dumps({"type": "join", "room": name}))
-            for name in batch:
-                frame = json.loads(await ws.recv())
-                while frame["type"] not in ("joined", "error"):
-                    frame = json.loads(await ws.recv())
-                if frame["type"] == "joined":
-                    rooms += 1
-                    await until(ws, "history")
-                    await ws.send(json.dumps({"type": "leave", "room": name}))
-            await asyncio.sleep(0.05)  # stay under the per-connection frame rate
-        rooms_elapsed = time.monotonic() - started
-        await ws.send(json.dumps({"type": "rooms", "ref": "r"}))
-        asked = time.monotonic()
-        reply = await until(ws, "rooms")
-        rooms_reply_bytes = len(json.dumps(reply[-1]))
-        rooms_reply_s = time.monotonic() - asked
+        ws, first = await hello(server.url, "builder", source=source, history=0)
+        secret = first.get("secret")
         ws.transport.abort()
+        counter = 0
+
+        async def flood(make: Callable[[int], dict[str, Any]]) -> None:
+            nonlocal counter
+            stop_at = time.monotonic() + args.seconds
+            while time.monotonic() < stop_at:
+                counter += 1
+                fields = make(counter)
+                try:
+                    ws, _ = await hello(server.url, source=source, **fields)
+                    ws.transport.abort()
+                except (OSError, TimeoutError, InvalidStatus, ConnectionClosed):
+                    await asyncio.sleep(0.01)
+
+        def new_rooms(n: int) -> dict[str, Any]:
+            rooms = [f"r{n}x{k}" for k in range(32)]
+            return {"nick": "builder", "secret": secret, "rooms": rooms, "history": 0}
+
+        def new_nick(n: int) -> dict[str, Any]:
+            return {"nick": f"n{n}-{uuid.uuid4().hex[:8]}", "history": 0}
+
         started = time.monotonic()
-        while time.monotonic() - started < args.seconds:
-            try:
-                ws, first = await hello(server.url, "n" + uuid.uuid4().hex[:12], history=0)
-            except InvalidStatus:
-                await asyncio.sleep(0.05)
-                continue
-            nicks += first["type"] == "welcome"
-            ws.transport.abort()
+        await asyncio.gather(*(flood(new_rooms) for _ in range(8)))
+        rooms_elapsed = time.monotonic() - started
+        rooms = _count(server.db, "SELECT COUNT(*) FROM rooms")
+        ws, _ = await hello(server.url, "builder", secret=secret, history=0)
+        await until(ws, "synced")
+        asked = time.monotonic()
+        await ws.send(json.dumps({"type": "rooms"}))
+        reply = (await until(ws, "rooms"))[-1]
+        rooms_reply_ms = (time.monotonic() - asked) * 1000
+        ws.transport.abort()
+        before = _count(server.db, "SELECT COUNT(*) FROM nicks")
+        started = time.monotonic()
+        await asyncio.gather(*(flood(new_nick) for _ in range(8)))
         nicks_elapsed = time.monotonic() - started
-        with sqlite3.connect(server.db) as conn:
-            stored = conn.execute("SELECT COUNT(*) FROM rooms").fetchone()[0]
+        nicks = _count(server.db, "SELECT COUNT(*) FROM nicks") - before
         return {
             "attack": "quotas",
             "rooms_created": rooms,
             "rooms_per_s": round(rooms / rooms_elapsed, 1),
-            "rooms_stored": stored,
-            "rooms_reply_bytes": rooms_reply_bytes,
-            "rooms_reply_ms": round(rooms_reply_s * 1000, 1),
+            "rooms_reply_bytes": len(json.dumps(reply)),
+            "rooms_reply_ms": round(rooms_reply_ms, 1),
             "nicks_registered": nicks,
             "nicks_per_s": round(nicks / nicks_elapsed, 1),
         }
 
 
-async def presence(args: argparse.Namespace) -> dict[str, Any]:
+def _count(db: Path, sql: str) -> int:
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute(sql).fetchone()[0])
+
+
+async def _presence_members(url: str, clients: int, addresses: list[str]) -> dict[str, Any]:
+    """Runs in the generator's own process: every client joins lobby at once."""
     _raise_nofile()
+    semaphore = asyncio.Semaphore(200)  # handshakes at once
+    counts: list[int] = []
+    started = time.monotonic()
+
+    failed: list[str] = []
+
+    async def member(n: int) -> ClientConnection | None:
+        try:
+            async with semaphore:
+                source = addresses[n % len(addresses)]
+                ws = await connect(url, local_addr=(source, 0), max_size=None, open_timeout=60)
+                await ws.send(json.dumps({"type": "hello", "nick": f"m{n}", "history": 0}))
+            # Scanned, not decoded: the generator must stay cheaper than the server.
+            while '"type":"synced"' not in str(await ws.recv()):
+                pass
+        except (OSError, TimeoutError, InvalidStatus, ConnectionClosed) as exc:
+            failed.append(
+                type(exc).__name__
+                + (f" {exc.rcvd.code}" if isinstance(exc, ConnectionClosed) and exc.rcvd else "")
+            )
+            return None
+        return ws
+
+    joined = await asyncio.gather(*(member(n) for n in range(clients)))
+    all_in = time.monotonic() - started
+    sockets = [ws for ws in joined if ws is not None]
+
+    async def drain(ws: ClientConnection) -> None:
+        count = 0
+        with contextlib.suppress(TimeoutError, ConnectionClosed):
+            async with asyncio.timeout(2.0):
+                while True:
+                    count += str(await ws.recv()).startswith('{"type":"presence"')
+        counts.append(count)
+
+    await asyncio.gather(*(drain(ws) for ws in sockets))
+    for ws in sockets:
+        ws.transport.abort()
+    return {
+        "seconds_until_all_synced": round(all_in, 2),
+        "clients_failed": len(failed),
+        "failures": sorted(set(failed)),
+        "presence_frames_after": sum(counts),
+    }
+
+
+async def presence(args: argparse.Namespace) -> dict[str, Any]:
     with running(args.server_arg) as server:
         server.start()
         witness = Witness(server.url, every=0.1)
@@ -578,42 +686,20 @@ async def presence(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(1.0)
         addresses = sources(max(1, -(-args.clients // 60)))  # under 64 connections each
         cpu_before = cpu_seconds(server.pid)
-        started = time.monotonic()
-        counts: list[int] = []
-        semaphore = asyncio.Semaphore(200)  # handshakes at once
-
-        async def member(n: int) -> ClientConnection:
-            async with semaphore:
-                ws, _ = await hello(
-                    server.url, f"m{n}", source=addresses[n % len(addresses)], history=0
-                )
-                await until(ws, "synced", within=600)
-            return ws
-
-        sockets = await asyncio.gather(*(member(n) for n in range(args.clients)))
-        all_in = time.monotonic() - started
-
-        async def drain(ws: ClientConnection) -> None:
-            count = 0
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2.0):
-                    while True:
-                        count += json.loads(await ws.recv())["type"] == "presence"
-            counts.append(count)
-
-        await asyncio.gather(*(drain(ws) for ws in sockets))
+        loop = asyncio.get_running_loop()
+        with ProcessPoolExecutor(1) as pool:
+            figures = await loop.run_in_executor(
+                pool, _in_process, _presence_members, server.url, args.clients, addresses
+            )
         cpu = cpu_seconds(server.pid) - cpu_before
         witness.stop()
         await witness_task
-        for ws in sockets:
-            ws.transport.abort()
         return {
             "attack": "presence",
             "clients": args.clients,
             "source_addresses": len(addresses),
-            "seconds_until_all_synced": round(all_in, 2),
+            **figures,
             "server_cpu_s": round(cpu, 2),
-            "presence_frames_after_synced": sum(counts),
             **witness.figures(),
         }
 
@@ -681,6 +767,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--per-address", type=int, default=8, help="attacking connections per address (catchup)"
     )
     parser.add_argument("--body-char", default="x", help="the character of the 4000 (catchup)")
+    parser.add_argument(
+        "--patience", type=float, default=0.2, help="seconds an attacker waits for an answer"
+    )
     parser.add_argument("--messages", type=int, default=500_000, help="messages (backup)")
     parser.add_argument("--write-rate", type=float, default=20.0, help="msg/s (backup)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds (backup)")

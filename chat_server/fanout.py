@@ -17,6 +17,7 @@ is.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -65,16 +66,25 @@ class Hub:
         self.buffer_limit = buffer_limit
         self.online: dict[str, Member] = {}
         self.rooms: dict[str, dict[str, Member]] = {}
+        #: Nicks in case-insensitive order, per room and (under None) of everyone online,
+        #: kept as members come and go: a page of members is a bisect and a slice, not a
+        #: sort of the whole room for every joiner (a mass join would cost N² log N).
+        self._sorted: dict[str | None, list[str]] = {None: []}
 
     # --- membership ------------------------------------------------------------------
 
     def add(self, member: Member) -> None:
+        other = self.online.get(member.nick_key)
+        if other is not None:
+            self._unlist(None, other.nick)
         self.online[member.nick_key] = member
+        insort(self._sorted[None], member.nick, key=str.lower)
 
     def remove(self, member: Member) -> list[str]:
         """Forget a member everywhere, silently; returns the rooms it was in."""
         if self.online.get(member.nick_key) is member:
             del self.online[member.nick_key]
+            self._unlist(None, member.nick)
         left = list(member.rooms)
         for room in left:
             self.leave(member, room)
@@ -83,9 +93,13 @@ class Hub:
     def join(self, member: Member, room: str) -> bool:
         """Put a member in a room; False if it was in it already."""
         members = self.rooms.setdefault(room, {})
-        if members.get(member.nick_key) is member:
+        other = members.get(member.nick_key)
+        if other is member:
             return False
+        if other is not None:
+            self._unlist(room, other.nick)
         members[member.nick_key] = member
+        insort(self._sorted.setdefault(room, []), member.nick, key=str.lower)
         member.rooms.append(room)
         return True
 
@@ -96,25 +110,34 @@ class Hub:
         if self.is_member(member, room):
             members = self.rooms[room]
             del members[member.nick_key]
+            self._unlist(room, member.nick)
             if not members:
                 del self.rooms[room]
         if room in member.rooms:
             member.rooms.remove(room)
 
+    def _unlist(self, room: str | None, nick: str) -> None:
+        nicks = self._sorted.get(room)
+        if nicks is None:
+            return
+        key = nick.lower()
+        at = bisect_left(nicks, key, key=str.lower)
+        if at < len(nicks) and nicks[at].lower() == key:
+            del nicks[at]
+        if not nicks and room is not None:
+            del self._sorted[room]
+
     def members(self, room: str | None) -> list[str]:
         """A room's nicks (everybody online if ``room`` is None), case-insensitive order."""
-        pool = self.online if room is None else self.rooms.get(room, {})
-        return sorted((m.nick for m in pool.values()), key=str.lower)
+        return list(self._sorted.get(room, ()))
 
     def member_page(
         self, room: str | None, after: str | None, limit: int
     ) -> tuple[list[str], bool]:
         """:meth:`members` after the nick ``after``: at most ``limit``, and whether more follow."""
-        nicks = self.members(room)
-        if after is not None:
-            low = after.lower()
-            nicks = [nick for nick in nicks if nick.lower() > low]
-        return nicks[:limit], len(nicks) > limit
+        nicks = self._sorted.get(room, [])
+        start = bisect_right(nicks, after.lower(), key=str.lower) if after is not None else 0
+        return nicks[start : start + limit], start + limit < len(nicks)
 
     def count(self, room: str) -> int:
         return len(self.rooms.get(room, {}))

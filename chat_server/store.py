@@ -441,9 +441,9 @@ class Store:
         drafts = [item for item in batch if isinstance(item, Draft)]
         if drafts:
             await self._write_messages(drafts)
-        for item in batch:
-            if isinstance(item, _Op):
-                await self._run_op(item)
+        ops = [item for item in batch if isinstance(item, _Op)]
+        if ops:
+            await self._run_ops(ops)
 
     def _fail(self, batch: Sequence[Draft | _Op], error: Exception) -> None:
         drafts = [item for item in batch if isinstance(item, Draft)]
@@ -548,30 +548,50 @@ class Store:
             resolved.append(Committed(result.draft, original, fresh))
         return resolved
 
-    async def _run_op(self, op: _Op) -> None:
+    async def _run_ops(self, ops: list[_Op]) -> None:
+        """Run operations in one transaction, one commit for all of them (a storm of new
+        nicks costs a few commits, not one each), each inside its own savepoint: one that
+        fails is rolled back alone and fails alone. Results are given out after the commit.
+        """
         db = self._writer
+        done: list[tuple[_Op, Any]] = []
         try:
             await db.execute("BEGIN IMMEDIATE")
+            for op in ops:
+                await db.execute("SAVEPOINT op")
+                try:
+                    value = await op.run(db)
+                except Exception as exc:
+                    await db.execute("ROLLBACK TO op")
+                    await db.execute("RELEASE op")
+                    self._op_failed(op, exc)
+                    continue
+                await db.execute("RELEASE op")
+                done.append((op, value))
+            await db.execute("COMMIT")
+        except Exception as exc:  # the transaction itself: nothing of it was stored
             try:
-                value = await op.run(db)
-                await db.execute("COMMIT")
-            except BaseException:
                 if db.in_transaction:
                     await db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            self._set_writable(False, f"{type(exc).__name__}: {exc}")
-            if not op.future.done():
-                op.future.set_exception(StoreUnavailable(str(exc)))
-            return
-        except Exception as exc:
-            log.exception("the writer operation %s failed", op.name)
-            if not op.future.done():
-                op.future.set_exception(StoreFailed(f"{type(exc).__name__}: {exc}"))
+            except sqlite3.Error:
+                log.exception("rolling back the writer's transaction failed")
+            for op in ops:
+                self._op_failed(op, exc)
             return
         self._set_writable(True, None)
-        if not op.future.done():
-            op.future.set_result(value)
+        for op, value in done:
+            if not op.future.done():
+                op.future.set_result(value)
+
+    def _op_failed(self, op: _Op, exc: Exception) -> None:
+        if op.future.done():
+            return
+        if isinstance(exc, sqlite3.Error):
+            self._set_writable(False, f"{type(exc).__name__}: {exc}")
+            op.future.set_exception(StoreUnavailable(str(exc)))
+        else:
+            log.error("the writer operation %s failed", op.name, exc_info=exc)
+            op.future.set_exception(StoreFailed(f"{type(exc).__name__}: {exc}"))
 
     def _set_writable(self, writable: bool, error: str | None) -> None:
         if writable != self.writable:
