@@ -180,6 +180,7 @@ class Session:
             self.hello_timer = None
         self.gone = True
         self.queue = self.replies = None
+        self.link.resume_reading()
         if self.worker is not None:
             self.worker.cancel()
             self.worker = None
