@@ -193,9 +193,16 @@ class ChatServer:
             )
             for connection in list(self.connections):
                 connection.transport.abort()
-            await server.wait_closed()
             for task in self.closing:
                 task.cancel()
+            try:
+                async with asyncio.timeout(0.5):
+                    await server.wait_closed()
+            except TimeoutError:  # a handler that ignores its closed socket: a bug, not a hang
+                log.error("cancelling %d connection handlers", len(server.handler_tasks))
+                for task in server.handler_tasks:
+                    task.cancel()
+                await server.wait_closed()
 
 
 class TrackedConnection(ServerConnection):

@@ -23,6 +23,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+import chat_server.link
 import chat_server.session
 import chat_server.store
 from chat_protocol.frames import History, Leave, Who
@@ -489,3 +490,21 @@ def test_no_limits_flags_match_the_settings() -> None:
         timeout=30,
     )
     assert done.returncode == 0, done.stderr
+
+
+async def test_shutdown_ends_even_a_handler_that_ignores_its_socket(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The class of bug behind a shutdown that hangs: a connection handler that never
+    returns. The shutdown cancels it rather than wait."""
+
+    async def stuck(self: object, session: object) -> None:
+        await asyncio.Event().wait()  # never notices anything
+
+    monkeypatch.setattr(chat_server.link.WebSocketLink, "serve", stuck)
+    async with server(db) as chat:
+        ws = await connect(url(chat))
+        started = time.monotonic()
+    elapsed = time.monotonic() - started
+    ws.transport.abort()
+    assert elapsed < 3.0, f"took {elapsed:.1f} s"
