@@ -27,6 +27,9 @@ atomic statement and a single commit; only then does it report the rows to the l
 which fans them out and acknowledges their senders. Message ids are assigned by the
 writer itself (it is the only writer of the file), so a batch needs no per-row round
 trip, and a batch costs one hop to the database thread (measured: docs/benchmarks.md).
+The other operations of a batch share one transaction too, each in its own savepoint.
+A nick claim that can change nothing (a confirmed registration) is answered by a read
+and never queues for the writer.
 """
 
 from __future__ import annotations
