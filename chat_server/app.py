@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 #: How long /healthz waits for its probe write before it answers 503.
 HEALTH_TIMEOUT = 3.0
-#: How long a /healthz answer is reused: a flood of checks costs one write per second.
+#: How long a successful /healthz probe is reused: a flood of checks costs one write a
+#: second. A failure is not reused: the next check probes again (a failed probe commits
+#: nothing), so recovery shows at once.
 HEALTH_CACHE = 1.0
 
 
@@ -62,7 +64,7 @@ class ChatServer:
             tick=_tick(config),
         )
         self._stopped = asyncio.Event()
-        self._health: tuple[float, str | None] | None = None  # (when, error or None)
+        self._healthy_at: float | None = None  # when a probe last committed
         self._health_probe: asyncio.Task[str | None] | None = None
 
     @property
@@ -107,16 +109,15 @@ class ChatServer:
         return None
 
     async def health(self) -> str | None:
-        """None while the database commits a probe write, else why not; cached a second,
-        but never past a change the store has seen since (a failed or a good commit)."""
-        loop = asyncio.get_running_loop()
-        cached = self._health
-        if (
-            cached is not None
-            and loop.time() - cached[0] < HEALTH_CACHE
-            and (cached[1] is None) == self.store.writable
-        ):
-            return cached[1]
+        """None while the database commits a probe write, else why not.
+
+        A success is reused for ``HEALTH_CACHE`` seconds, unless a write has failed since;
+        checks that arrive together share one probe.
+        """
+        healthy_at = self._healthy_at
+        now = asyncio.get_running_loop().time()
+        if healthy_at is not None and self.store.writable and now - healthy_at < HEALTH_CACHE:
+            return None
         if self._health_probe is None:
             self._health_probe = asyncio.create_task(self._probe())
         return await asyncio.shield(self._health_probe)
@@ -128,7 +129,7 @@ class ChatServer:
                 await self.store.probe()
         except (StoreUnavailable, StoreFailed, TimeoutError) as exc:
             error = self.store.last_error or str(exc) or type(exc).__name__
-        self._health = (asyncio.get_running_loop().time(), error)
+        self._healthy_at = asyncio.get_running_loop().time() if error is None else None
         self._health_probe = None
         return error
 

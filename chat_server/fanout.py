@@ -17,6 +17,7 @@ is.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -28,6 +29,22 @@ log = logging.getLogger(__name__)
 
 #: A frame waiting in a hold: its bytes, and the stored message it carries, if any.
 Held = tuple[bytes, StoredMessage | None]
+
+
+class Hold:
+    """Frames kept for a member during its catch-up, in order, with their total size."""
+
+    __slots__ = ("frames", "size")
+
+    def __init__(self) -> None:
+        self.frames: list[Held] = []
+        self.size = 0
+
+    def append(self, data: bytes, message: StoredMessage | None) -> None:
+        self.frames.append((data, message))
+        self.size += len(data)
+
+
 #: One frame for some recipients: who, the encoded frame, the stored message it carries.
 Delivery = tuple[Iterable["Member"], bytes, StoredMessage | None]
 
@@ -36,7 +53,7 @@ class Member(Protocol):
     link: Link
     nick: str
     nick_key: str
-    hold: list[Held] | None
+    hold: Hold | None
     #: The rooms this member is in, kept by the hub.
     rooms: list[str]
 
@@ -49,16 +66,25 @@ class Hub:
         self.buffer_limit = buffer_limit
         self.online: dict[str, Member] = {}
         self.rooms: dict[str, dict[str, Member]] = {}
+        #: Nicks in case-insensitive order, per room and (under None) of everyone online,
+        #: kept as members come and go: a page of members is a bisect and a slice, not a
+        #: sort of the whole room for every joiner (a mass join would cost N² log N).
+        self._sorted: dict[str | None, list[str]] = {None: []}
 
     # --- membership ------------------------------------------------------------------
 
     def add(self, member: Member) -> None:
+        other = self.online.get(member.nick_key)
+        if other is not None:
+            self._unlist(None, other.nick)
         self.online[member.nick_key] = member
+        insort(self._sorted[None], member.nick, key=str.lower)
 
     def remove(self, member: Member) -> list[str]:
         """Forget a member everywhere, silently; returns the rooms it was in."""
         if self.online.get(member.nick_key) is member:
             del self.online[member.nick_key]
+            self._unlist(None, member.nick)
         left = list(member.rooms)
         for room in left:
             self.leave(member, room)
@@ -67,9 +93,13 @@ class Hub:
     def join(self, member: Member, room: str) -> bool:
         """Put a member in a room; False if it was in it already."""
         members = self.rooms.setdefault(room, {})
-        if members.get(member.nick_key) is member:
+        other = members.get(member.nick_key)
+        if other is member:
             return False
+        if other is not None:
+            self._unlist(room, other.nick)
         members[member.nick_key] = member
+        insort(self._sorted.setdefault(room, []), member.nick, key=str.lower)
         member.rooms.append(room)
         return True
 
@@ -80,25 +110,34 @@ class Hub:
         if self.is_member(member, room):
             members = self.rooms[room]
             del members[member.nick_key]
+            self._unlist(room, member.nick)
             if not members:
                 del self.rooms[room]
         if room in member.rooms:
             member.rooms.remove(room)
 
+    def _unlist(self, room: str | None, nick: str) -> None:
+        nicks = self._sorted.get(room)
+        if nicks is None:
+            return
+        key = nick.lower()
+        at = bisect_left(nicks, key, key=str.lower)
+        if at < len(nicks) and nicks[at].lower() == key:
+            del nicks[at]
+        if not nicks and room is not None:
+            del self._sorted[room]
+
     def members(self, room: str | None) -> list[str]:
         """A room's nicks (everybody online if ``room`` is None), case-insensitive order."""
-        pool = self.online if room is None else self.rooms.get(room, {})
-        return sorted((m.nick for m in pool.values()), key=str.lower)
+        return list(self._sorted.get(room, ()))
 
     def member_page(
         self, room: str | None, after: str | None, limit: int
     ) -> tuple[list[str], bool]:
         """:meth:`members` after the nick ``after``: at most ``limit``, and whether more follow."""
-        nicks = self.members(room)
-        if after is not None:
-            low = after.lower()
-            nicks = [nick for nick in nicks if nick.lower() > low]
-        return nicks[:limit], len(nicks) > limit
+        nicks = self._sorted.get(room, [])
+        start = bisect_right(nicks, after.lower(), key=str.lower) if after is not None else 0
+        return nicks[start : start + limit], start + limit < len(nicks)
 
     def count(self, room: str) -> int:
         return len(self.rooms.get(room, {}))
@@ -131,7 +170,7 @@ class Hub:
                     else:
                         frames.append(data)
                 else:
-                    member.hold.append((data, message))
+                    member.hold.append(data, message)
                     held.append(member)
         limit = self.buffer_limit
         for member, frames in queues.items():
@@ -148,10 +187,7 @@ class Hub:
         While a member holds, only the hold counts: the catch-up's own bytes sitting in
         the socket buffer are paced by the session and are not the client's fault.
         """
-        if member.hold is not None:
-            unsent = sum(len(data) for data, _ in member.hold)
-        else:
-            unsent = member.link.buffered()
+        unsent = member.hold.size if member.hold is not None else member.link.buffered()
         if unsent > self.buffer_limit:
             self.drop(member)
 

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +54,7 @@ from chat_protocol.limits import HISTORY_DEFAULT, MAX_ROOMS, MEMBERS_MAX
 from chat_protocol.names import nick_key
 from chat_server.config import ServerConfig
 from chat_server.connections import Link
-from chat_server.fanout import Held, Hub, Member
+from chat_server.fanout import Hold, Hub, Member
 from chat_server.messages import Draft, Scope, StoredMessage
 from chat_server.presence import Presence
 from chat_server.ratelimit import Limit, Quotas, TokenBucket
@@ -129,7 +130,7 @@ class Session:
         #: Direct messages with a larger id belong to this nick's registration.
         self.since = 0
         self.rooms: list[str] = []
-        self.hold: list[Held] | None = None
+        self.hold: Hold | None = None
         self.bucket = TokenBucket(ctx.config.rate, ctx.config.burst)
         self.strikes = 0
         self.gone = False
@@ -183,6 +184,7 @@ class Session:
         """Cancel pending work and leave every room; nothing more is answered."""
         self.gone = True
         self.queue = self.replies = None
+        self.link.resume_reading()
         if self.worker is not None:
             self.worker.cancel()
             self.worker = None
@@ -428,7 +430,7 @@ class Session:
         self.nick, self.nick_key, self.since = claim.nick, key, claim.since
         previous = self._replace(holder)
         self.link.close_after(None)
-        self.hold = []
+        self.hold = Hold()
         hub.add(self)
         for room in hello.rooms:
             hub.join(self, room)
@@ -492,20 +494,23 @@ class Session:
         truncated = False
         kept: list[bytes] | None = []
         # First pass, newest first: how far back the budgets reach.
-        async for page in self._pages(scope, after=after, page=64):
-            for message in page:
-                data = encode(message.frame())
-                if count == config.resume_cap or (count and size + len(data) > config.resume_bytes):
-                    truncated = True
+        async with aclosing(self._pages(scope, after=after, page=16)) as pages:
+            async for page in pages:
+                for message in page:
+                    data = encode(message.frame())
+                    if count == config.resume_cap or (
+                        count and size + len(data) > config.resume_bytes
+                    ):
+                        truncated = True
+                        break
+                    count, size = count + 1, size + len(data)
+                    newest, oldest = newest or message.id, message.id
+                    if kept is not None and size <= REPLAY_KEEP_BYTES:
+                        kept.append(data)
+                    else:
+                        kept = None
+                if truncated:
                     break
-                count, size = count + 1, size + len(data)
-                newest, oldest = newest or message.id, message.id
-                if kept is not None and size <= REPLAY_KEEP_BYTES:
-                    kept.append(data)
-                else:
-                    kept = None
-            if truncated:
-                break
         if truncated:
             self.link.write([encode({"type": "gap", "after": after, "before": oldest})])
         if kept is not None:
@@ -513,7 +518,7 @@ class Session:
         elif count:
             # Second pass, oldest first, a page at a time: never the whole replay in memory.
             async for page in self._pages(
-                scope, after=oldest - 1, before=newest + 1, oldest_first=True, page=64
+                scope, after=oldest - 1, before=newest + 1, oldest_first=True, page=16
             ):
                 await self._paced([encode(message.frame()) for message in page])
         high = max(after, newest)
@@ -556,10 +561,11 @@ class Session:
         size = 2  # the brackets of the messages array; each message adds itself and a comma
         more = False
         newest = 0
-        async with self.ctx.catchups:
-            async for page in self.ctx.store.messages(
-                scope, before=before, page=min(limit + 1, 32)
-            ):
+        # A first page about as large as the budget holds of typical messages.
+        first = max(2, min(limit + 1, budget // 2048))
+        pages = self.ctx.store.messages(scope, before=before, page=first)
+        async with self.ctx.catchups, aclosing(pages):
+            async for page in pages:
                 for message in page:
                     data = b"" if len(taken) == limit else encode(message.frame())
                     if len(taken) == limit or (taken and size + len(data) + 1 > budget):
@@ -579,7 +585,7 @@ class Session:
         )
         return frame, newest
 
-    async def _pages(self, scope: Scope, **query: Any) -> AsyncIterator[list[StoredMessage]]:
+    async def _pages(self, scope: Scope, **query: Any) -> AsyncGenerator[list[StoredMessage], None]:
         """The store's pages of a scope, each read under the server-wide catch-up cap."""
         pages = self.ctx.store.messages(scope, **query)
         try:
@@ -601,7 +607,7 @@ class Session:
 
     def _release(self, covered: Covered) -> None:
         """End a hold: write what live traffic came in, minus what the catch-up sent."""
-        held, self.hold = self.hold or [], None
+        held, self.hold = self.hold.frames if self.hold else [], None
         data = [frame for frame, message in held if message is None or not covered(message)]
         if data and not self.gone:
             self.link.write(data)
@@ -649,7 +655,7 @@ class Session:
         if not already and len(self.rooms) >= MAX_ROOMS:
             raise ProtocolError(ErrorCode.TOO_MANY_ROOMS, f"at most {MAX_ROOMS} rooms at once")
         await self._new_rooms([join.room], 1)
-        self.hold = []
+        self.hold = Hold()
         covered: Covered = _nothing
         try:
             hub.join(self, join.room)
