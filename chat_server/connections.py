@@ -54,6 +54,11 @@ MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
 ABNORMAL_CLOSURE = 1006  # never sent: reported when a connection ends without a close
 
+#: Connections the kernel may hold waiting for accept(). asyncio's default (100) drops
+#: SYNs when a few thousand clients reconnect at once (a restart, a network blip); they
+#: retry after 1, 3, 7 s, which stretches a reconnect storm to many seconds. Linux caps it
+#: at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
 #: Most fragments one message may arrive in (websockets' own default limit).
 MAX_FRAGMENTS = 4096
 #: Most bytes of HTTP a client may send before its handshake is answered. Real clients
@@ -696,8 +701,12 @@ class WebSocketServer:
     def port(self) -> int:
         return int(self.sockets[0].getsockname()[1])
 
-    async def listen(self, host: str | None, port: int, **kwargs: Any) -> None:
-        self._server = await self.loop.create_server(lambda: Connection(self), host, port, **kwargs)
+    async def listen(
+        self, host: str | None, port: int, *, backlog: int = LISTEN_BACKLOG, **kwargs: Any
+    ) -> None:
+        self._server = await self.loop.create_server(
+            lambda: Connection(self), host, port, backlog=backlog, **kwargs
+        )
         self.serving = True
         self._sweeper = self.loop.create_task(self._sweep_forever(), name="ws-sweep")
 
