@@ -20,7 +20,6 @@ from typing import Any
 
 from websockets.http11 import Request, Response
 
-from chat_protocol import encode
 from chat_protocol.limits import MAX_BODY_CHARS, MAX_FRAME_BYTES, MAX_ROOMS, MEMBERS_MAX
 from chat_server.config import ServerConfig
 from chat_server.connections import Connection, WebSocketServer
@@ -137,7 +136,7 @@ class ChatServer:
 
     def committed(self, results: Sequence[Committed]) -> None:
         """Fan a committed batch out in id order, then each sender's answers in order."""
-        hub = self.hub
+        hub, encoded = self.hub, self.ctx.encoded
         rooms = {r.message.room for r in results if r.fresh and r.message.room is not None}
         deliveries = self.ctx.presence.before_messages(rooms)
         answered: dict[Session, None] = {}
@@ -153,7 +152,7 @@ class ChatServer:
                         for key in dict.fromkeys((message.sender_key, message.recipient_key))
                         if key is not None and (member := hub.online.get(key)) is not None
                     ]
-                deliveries.append((recipients, encode(message.frame()), message))
+                deliveries.append((recipients, encoded(message), message))
             slot = result.draft.origin
             if isinstance(slot, Slot):
                 slot.owner.acked(slot, message)

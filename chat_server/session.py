@@ -55,7 +55,7 @@ from chat_protocol.names import nick_key
 from chat_server.config import ServerConfig
 from chat_server.connections import Link
 from chat_server.fanout import Hold, Hub, Member
-from chat_server.messages import Draft, Scope, StoredMessage
+from chat_server.messages import Draft, EncodedFrames, Scope, StoredMessage
 from chat_server.presence import Presence
 from chat_server.ratelimit import Limit, Quotas, TokenBucket
 from chat_server.store import ClaimStatus, NickClaim, Store, StoreUnavailable
@@ -84,9 +84,12 @@ class Context:
     limits: dict[str, Any]
     #: Catch-up reads (with their encoding) running at once, server-wide.
     catchups: asyncio.Semaphore = field(init=False)
+    #: Recent messages' ``msg`` frames, encoded once for every client that needs them.
+    encoded: EncodedFrames = field(init=False)
 
     def __post_init__(self) -> None:
         self.catchups = asyncio.Semaphore(self.config.catchup_concurrency)
+        self.encoded = EncodedFrames()
 
 
 class Slot:
@@ -487,7 +490,7 @@ class Session:
 
     async def _replay(self, after: int, rooms: Sequence[str]) -> Covered:
         """Everything after ``after``: the newest that fit the budgets, oldest first."""
-        config = self.ctx.config
+        config, encoded = self.ctx.config, self.ctx.encoded
         scope = Scope(rooms=tuple(rooms), key=self.nick_key, direct=True, since=self.since)
         count = size = 0
         newest = oldest = 0
@@ -497,7 +500,7 @@ class Session:
         async with aclosing(self._pages(scope, after=after, page=16)) as pages:
             async for page in pages:
                 for message in page:
-                    data = encode(message.frame())
+                    data = encoded(message)
                     if count == config.resume_cap or (
                         count and size + len(data) > config.resume_bytes
                     ):
@@ -520,7 +523,7 @@ class Session:
             async for page in self._pages(
                 scope, after=oldest - 1, before=newest + 1, oldest_first=True, page=16
             ):
-                await self._paced([encode(message.frame()) for message in page])
+                await self._paced([encoded(message) for message in page])
         high = max(after, newest)
         return lambda message: message.id <= high
 
@@ -557,6 +560,7 @@ class Session:
     ) -> tuple[bytes, int]:
         """A ``history`` frame: the newest messages within ``limit`` and ``budget`` bytes
         (always one at least), oldest first; and the newest id in it (0 if none)."""
+        encoded = self.ctx.encoded
         taken: list[bytes] = []
         size = 2  # the brackets of the messages array; each message adds itself and a comma
         more = False
@@ -567,7 +571,7 @@ class Session:
         async with self.ctx.catchups, aclosing(pages):
             async for page in pages:
                 for message in page:
-                    data = b"" if len(taken) == limit else encode(message.frame())
+                    data = b"" if len(taken) == limit else encoded(message)
                     if len(taken) == limit or (taken and size + len(data) + 1 > budget):
                         more = True
                         break

@@ -1,4 +1,5 @@
-"""The store's writer on a real SQLite file: what it commits together, and when it answers."""
+"""The store's writer on a real SQLite file: what it commits together, and when it answers;
+and the cache of encoded message frames that catch-ups read through."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 import aiosqlite
 import pytest
 
-from chat_server.messages import Committed, Draft
+from chat_protocol import encode
+from chat_server.messages import Committed, Draft, EncodedFrames, StoredMessage
 from chat_server.store import ClaimStatus, Store, StoreFailed, StoreUnavailable
 
 
@@ -94,3 +96,21 @@ async def test_a_failing_operation_is_undone_alone(db: Path) -> None:
         with sqlite3.connect(db) as conn:
             assert conn.execute("SELECT name FROM rooms WHERE name = 'half-done'").fetchall() == []
         await st.probe()  # and the writer goes on
+
+
+def stored(n: int, body: str = "hello") -> StoredMessage:
+    return StoredMessage(n, 1000 + n, "lobby", "al", "Al", None, None, False, body, f"c{n}")
+
+
+def test_encoded_frames_are_the_frames_and_stay_within_their_budget() -> None:
+    """The replay's cache of encoded ``msg`` frames gives the same bytes as encoding, and
+    never holds more than its byte budget (a storm of large messages must not grow it)."""
+    frames = EncodedFrames(budget=10_000)
+    big = "x" * 1000
+    for n in range(1, 200):
+        message = stored(n, big)
+        assert frames(message) == encode(message.frame())
+        assert frames.size <= 10_000
+    assert 0 < len(frames) < 10
+    recent = stored(199, big)
+    assert frames(recent) is frames(recent)  # the newest are kept, and not encoded again
