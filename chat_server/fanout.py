@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from chat_protocol import CloseCode
-from chat_server.link import Link
+from chat_server.connections import Link
 from chat_server.messages import StoredMessage
 
 log = logging.getLogger(__name__)
