@@ -47,8 +47,8 @@ from websockets.exceptions import (
 
 from chat_client.secrets import SecretStore, SecretStoreError
 from chat_protocol import CloseCode
-from chat_protocol.limits import MAX_BODY_CHARS, MAX_FRAME_BYTES
-from chat_protocol.names import nick_key
+from chat_protocol.limits import MAX_BODY_CHARS, MAX_FRAME_BYTES, MAX_ROOMS
+from chat_protocol.names import nick_key, normalize_room
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class Limits:
 
     max_body_chars: int = MAX_BODY_CHARS
     max_frame_bytes: int = MAX_FRAME_BYTES
+    max_rooms: int = MAX_ROOMS
     rate: float = 20.0
     burst: float = 40.0
 
@@ -127,6 +128,7 @@ class Limits:
         return cls(
             max_body_chars=int(number("max_body_chars", MAX_BODY_CHARS)),
             max_frame_bytes=int(number("max_frame_bytes", MAX_FRAME_BYTES)),
+            max_rooms=int(number("max_rooms", MAX_ROOMS)),
             rate=number("rate", 20.0),
             burst=number("burst", 40.0),
         )
@@ -186,6 +188,10 @@ class MessageRefused(ValueError):
     """A message this client will not queue, because the server could never take it."""
 
 
+class JoinRefused(ValueError):
+    """A room this client will not ask for: the server would refuse it (too many rooms)."""
+
+
 @dataclass
 class _Outgoing:
     frame: Frame
@@ -234,6 +240,9 @@ class ChatConnection:
         self.synced = False
         #: Sends refused for good (never to be resent): cid -> the server's reason.
         self.refused: dict[str, str] = {}
+        #: Rooms given up because the server refused them (a ``join`` or the ``hello``),
+        #: with the server's reason; the UI closes their windows and says why.
+        self.dropped_rooms: dict[str, str] = {}
         self._out: dict[str, _Outgoing] = {}
         self._jobs: list[tuple[int, str, Frame | None]] = []  # (seq, cid or "", request)
         self._wake = asyncio.Event()
@@ -308,9 +317,20 @@ class ChatConnection:
         return True
 
     def join(self, room: str) -> None:
+        """Be in ``room``: now if connected, else from the next ``hello``.
+
+        Raises :class:`JoinRefused` past the server's room limit (``welcome.limits``
+        ``max_rooms``, 32 until announced), online or offline: a ``hello`` asking for
+        more rooms would be refused as a whole.
+        """
         if room not in self.rooms:
+            if len(self.rooms) >= self.limits.max_rooms:
+                raise JoinRefused(
+                    f"you are in {len(self.rooms)} rooms, the most the server allows: "
+                    "/leave one first"
+                )
             self.rooms.append(room)
-        self.request({"type": "join", "room": room})
+        self.request({"type": "join", "room": room, "ref": f"join:{room}"})
 
     def leave(self, room: str) -> None:
         if room in self.rooms:
@@ -579,6 +599,15 @@ class ChatConnection:
         ref = frame.get("ref")
         cid = frame.get("cid")
         retry_after = frame.get("retry_after")
+        message = str(frame.get("message", code))
+        if isinstance(ref, str) and ref.startswith("join:") and code != "rate_limited":
+            room = ref[5:]  # refused for good: we are not in it (nor in the next hello)
+            if room in self.rooms:
+                self.rooms.remove(room)
+            self.dropped_rooms[room] = message
+            return
+        if ref == "hello" and not self.welcomed and self._room_refusal(code, message):
+            return
         if code == "rate_limited":
             wait = retry_after if isinstance(retry_after, int | float) else 1.0
             self.pacer.hold(float(wait))
@@ -611,6 +640,29 @@ class ChatConnection:
         else:
             self._done(cid)
             self.refused[cid] = str(frame.get("message", code))
+
+    def _room_refusal(self, code: str, message: str) -> bool:
+        """The ``hello`` was refused for its rooms: drop the offending ones and say hello
+        again on this connection (the server allows that), instead of waiting for the
+        server to close us for "no hello in time" and asking for the same rooms forever.
+        """
+        if code == "too_many_rooms":
+            keep = self.limits.max_rooms
+            if len(self.rooms) <= keep:  # the server's limit is lower than we thought
+                keep = max(1, len(self.rooms) // 2)
+            drop = self.rooms[keep:]
+        elif code in ("room_invalid", "bad_frame"):
+            drop = [room for room in self.rooms if normalize_room(room) != room]
+        else:
+            return False
+        if not drop:
+            self._closing_for = Refusal(code, self.nick, message)
+            return True
+        for room in drop:
+            self.rooms.remove(room)
+            self.dropped_rooms[room] = message
+        self._push(self._hello())
+        return True
 
     def _done(self, cid: str) -> None:
         out = self._out.pop(cid, None)

@@ -12,7 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from chat_client.commands import ALIASES, NAMES, Command, Invalid, Say, help_lines, parse
-from chat_client.connection import ChatConnection, Frame, LinkState, MessageRefused, Status
+from chat_client.connection import (
+    ChatConnection,
+    Frame,
+    JoinRefused,
+    LinkState,
+    MessageRefused,
+    Status,
+)
 from chat_client.model import HELP_WINDOW, SERVER_WINDOW, ChatModel
 from chat_client.secrets import SecretStoreError
 from chat_client.settings import Settings
@@ -61,14 +68,37 @@ class Controller:
     # --- from the network --------------------------------------------------------------
 
     def frame(self, frame: Frame) -> None:
-        self.model.apply(frame)
         kind = frame.get("type")
+        if self.connection.dropped_rooms:
+            self._drop_rooms()
+            if kind == "error" and frame.get("code") != "rate_limited":
+                self.on_change()
+                return  # said, with the rooms it was about
+        self.model.apply(frame)
         cid = frame.get("cid")
         if kind == "error" and isinstance(cid, str) and cid in self.connection.refused:
             self.model.fail_pending(cid, self.connection.refused[cid])
         if kind in ("joined", "left") and self.settings is not None and self.interactive:
             self.settings.set_rooms(self.connection.url, self.connection.rooms)
         self.on_change()
+
+    def _drop_rooms(self) -> None:
+        """Close the windows of rooms the server refused, saying why (and what is lost)."""
+        dropped, self.connection.dropped_rooms = self.connection.dropped_rooms, {}
+        for room, reason in dropped.items():
+            name = "#" + room
+            window = self.model.windows.get(name)
+            unsent = list(window.pending) if window is not None else []
+            for cid in unsent:
+                self.connection.cancel(cid)
+            self.model.close(name)
+            lost = f"; {len(unsent)} unsent line(s) there were not sent" if unsent else ""
+            text = f"not in {name}: the server refused it ({reason}){lost}"
+            self.model.notice(text, tone="error")
+            if self.model.active != SERVER_WINDOW:
+                self.model.notice(text, SERVER_WINDOW, tone="error")
+        if self.settings is not None and self.interactive:
+            self.settings.set_rooms(self.connection.url, self.connection.rooms)
 
     def status(self, status: Status) -> None:
         self.retry_at = status.retry_at
@@ -261,11 +291,17 @@ class Controller:
             self.model.notice("a room name is 1-32 of a-z 0-9 _ -", tone="error")
         return room
 
-    def _join(self, args: str) -> None:
+    def _join(self, args: str) -> bool:
         room = self._room(args)
-        if room is not None:
+        if room is None:
+            return False
+        try:
             self.connection.join(room)
-            self.model.switch("#" + room)
+        except JoinRefused as refused:
+            self.model.notice(f"not joined #{room}: {refused}", tone="error")
+            return False
+        self.model.switch("#" + room)
+        return True
 
     def _leave(self, args: str) -> None:
         room = self._room(args)
