@@ -28,6 +28,7 @@ import itertools
 import json
 import logging
 import random
+import re
 import socket
 import time
 import uuid
@@ -463,7 +464,7 @@ class ChatConnection:
     async def _send(self, ws: ClientConnection, frame: Frame) -> None:
         text = _encode(frame)
         if self.trace:
-            self.trace(">", text)
+            self.trace(">", masked(text))
         await ws.send(text)
 
     async def _write(self, ws: ClientConnection) -> None:
@@ -505,7 +506,7 @@ class ChatConnection:
         try:
             async for data in ws:
                 if self.trace:
-                    self.trace("<", data if isinstance(data, str) else repr(data))
+                    self.trace("<", masked(data) if isinstance(data, str) else repr(data))
                 try:
                     frame = json.loads(data)
                 except ValueError:
@@ -686,6 +687,16 @@ class ChatConnection:
     ) -> None:
         self.status = Status(state, detail, retry_at, refusal)
         self.on_status(self.status)
+
+
+# A "secret" member of a frame (a key follows "{" or ","; inside a string a quote is
+# escaped, so a body that mentions "secret" is never matched).
+_SECRET = re.compile(r'([{,]\s*"secret"\s*:\s*)"[^"\\]*"')
+
+
+def masked(text: str) -> str:
+    """A frame's text for --trace: a nick's secret is as good as the nick, so hide it."""
+    return _SECRET.sub(r'\1"***"', text)
 
 
 def _encode(frame: Frame) -> str:

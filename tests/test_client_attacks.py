@@ -4,6 +4,8 @@ pseudo-terminal (pyte) running the real client against a real server process."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.test_client_screen import client, server
@@ -40,3 +42,18 @@ async def test_rooms_past_the_limit_never_open_a_window_nor_block_the_reconnect(
             term.type("/reconnect\r")
             await term.wait_for(lambda s: "│ connected" in s, timeout=15)
             await term.wait_for(lambda s: "stranded no more" in s and "(sending" not in s)
+
+
+def test_trace_never_prints_a_nick_secret(db: Path, tmp_path: Path) -> None:
+    with server(db) as proc:
+        command = [sys.executable, "-m", "chat_client", "--url", proc.url, "--nick", "alice"]
+        command += ["--state-dir", str(tmp_path), "--mode", "line", "--trace"]
+        line = 'hi with "secret":"x" in it\n'
+        done = subprocess.run(command, input=line, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        (secret_file,) = (tmp_path / "secrets").glob("*/alice")
+        secret = secret_file.read_text().strip()
+        assert '> {"type":"hello"' in done.stderr, "the trace shows the frames"
+        assert secret not in done.stderr + done.stdout
+        assert '"secret":"***"' in done.stderr
+        assert 'secret\\":\\"x\\"' in done.stderr, "a body is shown as it is"
