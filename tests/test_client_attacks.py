@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import peer
 from tests.test_client_screen import client, server
 
 
@@ -57,3 +58,36 @@ def test_trace_never_prints_a_nick_secret(db: Path, tmp_path: Path) -> None:
         assert secret not in done.stderr + done.stdout
         assert '"secret":"***"' in done.stderr
         assert 'secret\\":\\"x\\"' in done.stderr, "a body is shown as it is"
+
+
+async def test_emoji_sequences_wrap_and_collapse_where_the_terminal_draws_them(
+    db: Path, tmp_path: Path
+) -> None:
+    with server(db) as proc:
+        async with client(proc, tmp_path) as term, peer(proc.url, "bob") as bob:
+            # Skin tones: the tail of a long line is wrapped, not cut off.
+            await bob.say("skin:" + "\U0001f44d\U0001f3fd" * 40 + " |END1")
+            screen = await term.wait_for(lambda s: "|END1" in s)
+            assert screen.count("\U0001f44d") == 40, "every thumb is on the screen"
+            # ZWJ sequences, long enough to collapse: the "… more" line is there.
+            await bob.say("zwj:" + "\U0001f469\u200d\U0001f4bb" * 400 + " |END2")
+            await term.wait_for(lambda s: "more lines (/expand shows them)" in s)
+            term.type("/expand\r")
+            await term.wait_for(lambda s: "|END2" in s)
+            term.type("/clear\r")
+            await bob.say(
+                "flags: \U0001f1ef\U0001f1f5\U0001f1eb\U0001f1f7 and a family "
+                "\U0001f468\u200d\U0001f469\u200d\U0001f467 |END3"
+            )
+            screen = await term.wait_for(lambda s: "|END3" in s)
+            assert "flags: [JP][FR] and a family" in screen
+            # Every row the client drew fits the terminal's width: nothing ran past the edge.
+            for line in term.lines():
+                assert "\U0001f3fd" not in line and "\u200d" not in line
+
+            # F10: LRM/RLM/ALM and the Unicode line separators never reach the terminal raw.
+            await bob.say("a\u200eb\u200fc\u061cd\u2028e\u2029f|END4")
+            await term.wait_for(lambda s: "|END4" in s)
+            raw = bytes(term.raw).decode("utf-8", "replace")
+            for char in "\u200e\u200f\u061c\u2028\u2029":
+                assert char not in raw, f"U+{ord(char):04X} reached the terminal"
