@@ -48,7 +48,7 @@ from websockets.exceptions import (
 
 from chat_client.secrets import SecretStore, SecretStoreError
 from chat_protocol import CloseCode
-from chat_protocol.limits import MAX_BODY_CHARS, MAX_FRAME_BYTES, MAX_ROOMS
+from chat_protocol.limits import EPOCH_HEADER, MAX_BODY_CHARS, MAX_FRAME_BYTES, MAX_ROOMS
 from chat_protocol.names import nick_key, normalize_room
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,10 @@ class ChatConnection:
         takeover: bool = False,
     ) -> None:
         self.url = url
+        #: Where this nick's secrets are filed: the database the server announces in the
+        #: handshake (so one person's secret works through every URL of one server), or
+        #: the URL for a server that announces none.
+        self.server = url
         self.nick = nick
         self.rooms = list(rooms)
         self.secrets = secrets
@@ -377,11 +381,6 @@ class ChatConnection:
                 attempt = 0
                 continue
             self._status(LinkState.CONNECTING if attempt == 0 else LinkState.RECONNECTING)
-            try:
-                hello = self._hello()
-            except SecretStoreError as exc:
-                self._wait_for_user(Refusal("secret_store", self.nick, str(exc)))
-                continue
             detail = ""
             floor = 0.0  # a wait the server asked for (HTTP 429 Retry-After)
             try:
@@ -395,8 +394,15 @@ class ChatConnection:
                     close_timeout=2,
                 ) as ws:
                     self._ws = ws
-                    if await self._session(ws, hello):
-                        attempt = 0
+                    self.server = server_identity(ws, self.url)
+                    try:
+                        hello = self._hello()
+                    except SecretStoreError as exc:
+                        self._closing_for = Refusal("secret_store", self.nick, str(exc))
+                        await ws.close(1000, "the nick's secret cannot be kept")
+                    else:
+                        if await self._session(ws, hello):
+                            attempt = 0
                     detail = describe_close(ws)
                     if ws.close_code == CloseCode.REPLACED:
                         reason = ws.close_reason or "this nick connected again elsewhere"
@@ -522,9 +528,14 @@ class ChatConnection:
 
     def _secret_for(self, nick: str) -> str:
         """The nick's secret; for a nick we hold none of, a new one, stored before use."""
-        secret = self.secrets.get(self.url, nick)
+        secret = self.secrets.get(self.server, nick)
+        if secret is None and self.server != self.url:
+            # Filed by URL (by an older client): file it by the server from now on.
+            secret = self.secrets.get(self.url, nick)
+            if secret is not None:
+                self.secrets.put(self.server, nick, secret)
         if secret is None:
-            secret = self.secrets.propose(self.url, nick)
+            secret = self.secrets.propose(self.server, nick)
             self._proposed.add(nick_key(nick))
         return secret
 
@@ -591,7 +602,7 @@ class ChatConnection:
         self._proposed.discard(nick_key(nick))
         if isinstance(secret, str):
             try:
-                self.secrets.put(self.url, nick, secret)
+                self.secrets.put(self.server, nick, secret)
             except SecretStoreError as exc:
                 log.error("%s", exc)
 
@@ -620,7 +631,7 @@ class ChatConnection:
             nick = ref[5:] if during and isinstance(ref, str) else self.nick
             if code == "nick_taken" and nick_key(nick) in self._proposed:
                 # We proposed a secret for a nick that turned out to be someone else's.
-                self.secrets.discard(self.url, nick)
+                self.secrets.discard(self.server, nick)
                 self._proposed.discard(nick_key(nick))
             refusal = Refusal(code, nick, str(frame.get("message", code)), during)
             if during:
@@ -709,6 +720,16 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+_EPOCH = re.compile(r"[0-9A-Za-z_-]{1,64}")
+
+
+def server_identity(ws: ClientConnection, url: str) -> str:
+    """Which server this is, for filing secrets: its database's epoch, else its URL."""
+    response = ws.response
+    epoch = response.headers.get(EPOCH_HEADER, "") if response is not None else ""
+    return f"epoch-{epoch}" if _EPOCH.fullmatch(epoch) else url
 
 
 # --- failures in human words ----------------------------------------------------------------

@@ -21,7 +21,13 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from chat_protocol import encode
-from chat_protocol.limits import MAX_BODY_CHARS, MAX_FRAME_BYTES, MAX_ROOMS, MEMBERS_MAX
+from chat_protocol.limits import (
+    EPOCH_HEADER,
+    MAX_BODY_CHARS,
+    MAX_FRAME_BYTES,
+    MAX_ROOMS,
+    MEMBERS_MAX,
+)
 from chat_server.config import ServerConfig
 from chat_server.fanout import Hub, Member
 from chat_server.link import WebSocketLink
@@ -105,6 +111,13 @@ class ChatServer:
         if isinstance(connection, TrackedConnection):
             connection.counted_ip = ip
         return None
+
+    def process_response(
+        self, connection: ServerConnection, request: Request, response: Response
+    ) -> None:
+        """Say which database this is before ``hello``: clients file nick secrets by it."""
+        if response.status_code == HTTPStatus.SWITCHING_PROTOCOLS:
+            response.headers[EPOCH_HEADER] = self.store.epoch
 
     def connection_lost(self, connection: TrackedConnection) -> None:
         self.connections.discard(connection)
@@ -285,6 +298,7 @@ async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
             config.host,
             config.port,
             process_request=chat.process_request,
+            process_response=chat.process_response,
             max_size=MAX_FRAME_BYTES,
             compression=None,
             ping_interval=config.ping_interval or None,

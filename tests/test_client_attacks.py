@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 from tests.helpers import peer
 from tests.test_client_screen import client, server
@@ -91,3 +92,32 @@ async def test_emoji_sequences_wrap_and_collapse_where_the_terminal_draws_them(
             raw = bytes(term.raw).decode("utf-8", "replace")
             for char in "\u200e\u200f\u061c\u2028\u2029":
                 assert char not in raw, f"U+{ord(char):04X} reached the terminal"
+
+
+def line_client(url: str, state: Path, nick: str = "alice") -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "chat_client", "--url", url, "--nick", nick]
+    command += ["--state-dir", str(state), "--mode", "line"]
+    return subprocess.run(command, input="hi\n", capture_output=True, text=True, timeout=30)
+
+
+def test_one_persons_secret_works_through_every_url_of_one_server(db: Path, tmp_path: Path) -> None:
+    with server(db) as proc:
+        # The host's client and `docker compose run chat` reach one server by two URLs.
+        first = line_client(proc.url, tmp_path)
+        assert first.returncode == 0, first.stderr
+        other = proc.url.rstrip("/") + "/another/url"
+        again = line_client(other, tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert len(list((tmp_path / "secrets").glob("*/alice"))) == 1, "one secret, one file"
+
+        # A secret filed by URL (older clients did that) is still found, and refiled.
+        (secret_file,) = (tmp_path / "secrets").glob("*/alice")
+        old = tmp_path / "secrets" / quote(other, safe="") / "bob"
+        old.parent.mkdir()
+        bob = line_client(proc.url, tmp_path / "bob-first", nick="bob")
+        assert bob.returncode == 0, bob.stderr
+        (bobs,) = (tmp_path / "bob-first" / "secrets").glob("*/bob")
+        old.write_text(bobs.read_text())
+        moved = line_client(other, tmp_path, nick="bob")
+        assert moved.returncode == 0, moved.stderr
+        assert (secret_file.parent / "bob").read_text() == bobs.read_text()
