@@ -261,6 +261,7 @@ class ChatConnection:
         self._closing_for: Refusal | None = None
         self._background: set[asyncio.Future[None]] = set()
         self._hello_frame: Frame | None = None
+        self._next_nick: tuple[str, bool] | None = None  # /nick while offline: once synced
 
     # --- what the rest of the client calls -------------------------------------------------
 
@@ -342,20 +343,36 @@ class ChatConnection:
             self.rooms.remove(room)
         self.request({"type": "leave", "room": room})
 
-    def change_nick(self, nick: str, *, takeover: bool = False) -> None:
-        """Ask for a nick: now if connected, else by reconnecting with it.
+    def change_nick(self, nick: str, *, takeover: bool = False) -> bool:
+        """Ask for a nick. True: asked now, or in the next ``hello`` (no session under
+        the current nick to keep); False: deferred until the link is back.
+
+        A client that was connected and is now offline keeps its nick for the reconnect
+        and asks for the new one once synced, after its unsent messages: those were
+        typed, and are shown, under the current nick and are sent under it.
 
         Raises :class:`SecretStoreError` when a new nick's secret cannot be kept.
         """
+        self._next_nick = None
         if self.welcomed:
-            frame: Frame = {"type": "nick", "nick": nick, "ref": f"nick:{nick}"}
-            frame["secret"] = self._secret_for(nick)
-            frame["takeover"] = takeover
-            self._push(frame)
-        else:
-            self.nick = nick
-            self.takeover = takeover
-            self.reconnect_now()
+            self._push(self._nick_frame(nick, takeover))
+            return True
+        if self.epoch is not None and not (
+            self._waiting is not None
+            and self._waiting.code in ("nick_taken", "nick_in_use", "nick_invalid")
+        ):
+            self._next_nick = (nick, takeover)
+            return False
+        self.nick = nick
+        self.takeover = takeover
+        self.reconnect_now()
+        return True
+
+    def _nick_frame(self, nick: str, takeover: bool) -> Frame:
+        frame: Frame = {"type": "nick", "nick": nick, "ref": f"nick:{nick}"}
+        frame["secret"] = self._secret_for(nick)
+        frame["takeover"] = takeover
+        return frame
 
     def reconnect_now(self) -> None:
         """Skip the backoff (or leave a wait for the user) and connect again now."""
@@ -575,6 +592,14 @@ class ChatConnection:
                 self._push({"type": "history", "direct": True})
             for cid in self._out:
                 self._ready(cid)
+            if self._next_nick is not None:  # asked for while offline: after the resends
+                nick, takeover = self._next_nick
+                self._next_nick = None
+                try:
+                    self._push(self._nick_frame(nick, takeover))
+                except SecretStoreError as exc:
+                    refusal = Refusal("secret_store", nick, str(exc), during_session=True)
+                    self._status(self.status.state, self.status.detail, refusal=refusal)
         elif kind == "error":
             self._error(frame)
 

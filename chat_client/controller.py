@@ -279,10 +279,19 @@ class Controller:
 
     def _change_nick(self, nick: str, *, takeover: bool) -> bool:
         try:
-            self.connection.change_nick(nick, takeover=takeover)
+            now = self.connection.change_nick(nick, takeover=takeover)
         except SecretStoreError as exc:
             self.model.notice(f"{exc}: the nick was not claimed", tone="error")
             return False
+        if not now:
+            unsent = self.undelivered()
+            lines = f"{unsent} unsent lines, which are" if unsent > 1 else "unsent line, which is"
+            after = f" (after your {lines} sent as {self.model.nick}, as shown)" if unsent else ""
+            self.model.notice(f"offline: you will ask for the nick {nick} once reconnected{after}")
+        elif self.connection.welcomed:
+            self.model.notice(f"asking the server for the nick {nick}…")
+        else:
+            self.model.notice(f"connecting as {nick}…")
         return True
 
     def _room(self, args: str) -> str | None:

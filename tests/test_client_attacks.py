@@ -121,3 +121,33 @@ def test_one_persons_secret_works_through_every_url_of_one_server(db: Path, tmp_
         moved = line_client(other, tmp_path, nick="bob")
         assert moved.returncode == 0, moved.stderr
         assert (secret_file.parent / "bob").read_text() == bobs.read_text()
+
+
+async def test_nick_while_offline_is_said_and_keeps_the_nick_of_typed_lines(
+    db: Path, tmp_path: Path
+) -> None:
+    with server(db) as proc:
+        async with client(proc, tmp_path) as term:
+            proc.kill()
+            await term.wait_for(lambda s: "disconnected:" in s)
+            term.type("typed while offline\r")
+            await term.wait_for(lambda s: "(sending…)" in s)
+            term.type("/nick alice2\r")
+            await term.wait_for(
+                lambda s: (
+                    "once reconnected (after your unsent line, which is sent as alice,"
+                    in " ".join(s.split())
+                )
+            )
+            proc.start()
+            term.type("/reconnect\r")
+            await term.wait_for(lambda s: "you are now alice2" in s, timeout=15)
+            assert "alice2 │" in term.status()
+        async with peer(proc.url, "bob") as bob:
+            said = [
+                (m["from"], m["body"])
+                for f in bob.catchup
+                if f["type"] == "history"
+                for m in f["messages"]
+            ]
+            assert ("alice", "typed while offline") in said, said
