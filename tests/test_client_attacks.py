@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from tests.helpers import peer
+from tests.terminal import paste
 from tests.test_client_screen import client, server
 
 
@@ -151,3 +152,16 @@ async def test_nick_while_offline_is_said_and_keeps_the_nick_of_typed_lines(
                 for m in f["messages"]
             ]
             assert ("alice", "typed while offline") in said, said
+
+
+async def test_a_refused_line_is_said_below_the_unsent_ones(db: Path, tmp_path: Path) -> None:
+    with server(db) as proc:
+        async with client(proc, tmp_path) as term:
+            proc.kill()
+            await term.wait_for(lambda s: "disconnected:" in s)
+            for n in range(30):
+                term.type(f"queued {n}\r")
+            await term.wait_for(lambda s: "30 unsent" in s)
+            term.type(paste("x" * 4001) + "\r")
+            await term.wait_for(lambda s: "not sent: the message is 4,001 characters" in s)
+            proc.start()
