@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
+from chat_client.settings import Settings
 from tests.helpers import peer
 from tests.terminal import paste
 from tests.test_client_screen import client, server
@@ -165,3 +166,16 @@ async def test_a_refused_line_is_said_below_the_unsent_ones(db: Path, tmp_path: 
             term.type(paste("x" * 4001) + "\r")
             await term.wait_for(lambda s: "not sent: the message is 4,001 characters" in s)
             proc.start()
+
+
+def test_two_clients_sharing_a_state_directory_keep_each_others_settings(
+    tmp_path: Path,
+) -> None:
+    a, b = Settings(tmp_path), Settings(tmp_path)  # both started before either saved
+    a.set_words("highlight", ["apple"])
+    b.set_rooms("ws://server", ["lobby", "other2"])
+    a.set_rooms("ws://elsewhere", ["dev"])
+    again = Settings(tmp_path)
+    assert again.words("highlight") == ["apple"]
+    assert again.rooms("ws://server") == ["lobby", "other2"]
+    assert again.rooms("ws://elsewhere") == ["dev"]
