@@ -173,7 +173,8 @@ def parse_config(
         metavar="SECONDS",
         help=(
             "line mode: how long to wait for the server to take the messages before giving "
-            "up with status 3; 0: forever [CHAT_WAIT, default 30]"
+            "up with status 3; 0: no limit, so line mode may wait for ever for a server "
+            "that never comes back [CHAT_WAIT, default 30]"
         ),
     )
     parser.add_argument(

@@ -57,6 +57,8 @@ class Controller:
         self.retry_at: float | None = None
         self.question: Question | None = None
         self.refused_lines = 0  # messages refused here, before sending (too long, …)
+        #: Commands refused for good (a /join): line mode exits non-zero for them.
+        self.refused_commands: list[str] = []
         self._offline_since: float | None = None
         self._was_connected = False
         if settings is not None:
@@ -94,6 +96,7 @@ class Controller:
             self.model.close(name)
             lost = f"; {len(unsent)} unsent line(s) there were not sent" if unsent else ""
             text = f"not in {name}: the server refused it ({reason}){lost}"
+            self.refused_commands.append(text)
             self.model.notice(text, tone="error")
             if self.model.active != SERVER_WINDOW:
                 self.model.notice(text, SERVER_WINDOW, tone="error")
@@ -308,6 +311,7 @@ class Controller:
             self.connection.join(room)
         except JoinRefused as refused:
             self.model.notice(f"not joined #{room}: {refused}", tone="error")
+            self.refused_commands.append(f"not joined #{room}: {refused}")
             return False
         self.model.switch("#" + room)
         return True

@@ -179,3 +179,21 @@ def test_two_clients_sharing_a_state_directory_keep_each_others_settings(
     assert again.words("highlight") == ["apple"]
     assert again.rooms("ws://server") == ["lobby", "other2"]
     assert again.rooms("ws://elsewhere") == ["dev"]
+
+
+def test_line_mode_says_why_and_fails_a_refused_join(db: Path, tmp_path: Path) -> None:
+    with server(db) as proc:
+        assert line_client(proc.url, tmp_path / "a").returncode == 0
+        taken = line_client(proc.url, tmp_path / "b")  # alice is someone else's here
+        assert taken.returncode == 4, taken.stderr
+        assert "registered to someone else" in taken.stderr
+        assert "not acknowledged within" not in taken.stderr
+
+        rooms = ",".join(["lobby", *(f"r{n}" for n in range(1, 32))])
+        command = [sys.executable, "-m", "chat_client", "--url", proc.url, "--nick", "carol"]
+        command += ["--state-dir", str(tmp_path / "c"), "--mode", "line", "--rooms", rooms]
+        joined = subprocess.run(
+            command, input="/join extra\n", capture_output=True, text=True, timeout=30
+        )
+        assert joined.returncode == 3, joined.stderr
+        assert "not joined #extra" in joined.stderr
