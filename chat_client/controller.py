@@ -316,20 +316,38 @@ class Controller:
         self.model.switch("#" + room)
         return True
 
-    def _leave(self, args: str) -> None:
+    def _leave(self, args: str) -> bool:
         room = self._room(args)
-        if room is not None:
-            self.connection.leave(room)
-            self.model.close("#" + room)
+        if room is None or self._unsent_in("#" + room):
+            return False
+        self.connection.leave(room)
+        self.model.close("#" + room)
+        return True
 
-    def _close(self, _: str) -> None:
+    def _unsent_in(self, name: str) -> bool:
+        """True (and say so) when closing the window would throw typed lines away."""
+        window = self.model.windows.get(name)
+        if window is None or not window.pending:
+            return False
+        count = len(window.pending)
+        self.model.notice(
+            f"{name} has {count} unsent line{'s' if count > 1 else ''}: wait until "
+            f"{'they are' if count > 1 else 'it is'} delivered, or /cancel all there first",
+            tone="error",
+        )
+        return True
+
+    def _close(self, _: str) -> bool:
         active = self.model.active
+        if self._unsent_in(active):
+            return False
         if active == SERVER_WINDOW:
             self.model.notice("the server window stays open (Alt-1 always brings you here)")
         elif active.startswith("#"):
-            self._leave(active[1:])
+            return self._leave(active[1:])
         else:
             self.model.close(active)
+        return True
 
     def _rooms(self, args: str) -> None:
         frame: Frame = {"type": "rooms", "limit": 100}

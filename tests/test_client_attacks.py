@@ -197,3 +197,22 @@ def test_line_mode_says_why_and_fails_a_refused_join(db: Path, tmp_path: Path) -
         )
         assert joined.returncode == 3, joined.stderr
         assert "not joined #extra" in joined.stderr
+
+
+async def test_closing_a_window_never_throws_unsent_lines_away(db: Path, tmp_path: Path) -> None:
+    with server(db) as proc:
+        async with client(proc, tmp_path) as term:
+            term.type("/join dev\r")
+            await term.wait_for(lambda s: "#dev: 1 here" in s)
+            proc.kill()
+            await term.wait_for(lambda s: "disconnected:" in s)
+            term.type("keep me\r")
+            await term.wait_for(lambda s: "(sending…)" in s)
+            term.type("/close\r")
+            await term.wait_for(lambda s: "#dev has 1 unsent line: wait until it is" in s)
+            assert "#dev" in term.status()
+            term.type("\x15/cancel\r")
+            await term.wait_for(lambda s: "cancelled" in s)
+            term.type("/close\r")
+            await term.wait_for(lambda s: "#dev" not in term.status())
+            proc.start()
