@@ -35,7 +35,7 @@ import asyncio
 import http
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 from websockets.frames import BINARY, CONT, TEXT, Frame
@@ -432,6 +432,7 @@ class Connection(asyncio.Protocol):
                 )
             else:
                 response = protocol.accept(request)
+                response.headers.update(server.accept_headers)
         response.headers["Server"] = SERVER_HEADER
         protocol.send_response(response)
         self._flush()
@@ -648,9 +649,10 @@ class WebSocketServer:
 
     ``opener`` builds a connection's handler once its handshake succeeds; ``responder``
     may answer a handshake request with plain HTTP instead (``process_request`` in
-    websockets' terms). A WebSocket handshake from an address that already has
-    ``max_connections_per_address`` WebSocket connections open (0: no limit) is answered
-    429; the address is :attr:`Connection.ip` (which the responder may set).
+    websockets' terms); ``accept_headers`` go on every accepted handshake's response. A
+    WebSocket handshake from an address that already has ``max_connections_per_address``
+    WebSocket connections open (0: no limit) is answered 429; the address is
+    :attr:`Connection.ip` (which the responder may set).
     """
 
     def __init__(
@@ -658,6 +660,7 @@ class WebSocketServer:
         opener: Opener,
         *,
         responder: Responder | None = None,
+        accept_headers: Mapping[str, str] | None = None,
         max_size: int = 2**20,
         ping_interval: float = 20.0,
         ping_timeout: float = 20.0,
@@ -670,6 +673,7 @@ class WebSocketServer:
     ) -> None:
         self.opener = opener
         self.responder = responder
+        self.accept_headers = dict(accept_headers or {})
         self.max_size = max_size
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
