@@ -68,6 +68,7 @@ class ChatClient:
             ping_interval=config.ping_interval or None,
             ping_timeout=config.ping_timeout or None,
             takeover=config.takeover or config.demo,
+            trust_url=config.trust_url,
         )
         self.controller = Controller(
             self.model, self.connection, self.settings, interactive=self._full_screen_only()
@@ -107,6 +108,8 @@ class ChatClient:
             f"(no secret for it in {self.config.state_dir}): choose another with --nick",
             "nick_in_use": f"{refusal.nick} is connected elsewhere: --takeover takes it over",
             "secret_store": refusal.message,
+            "new_url": f"{refusal.message}: if it is, run again with --trust-url (once: the "
+            "URL is then remembered for this nick)",
             "replaced": f"replaced by another client of {refusal.nick}: {refusal.message}",
         }.get(refusal.code, refusal.message)
         print(f"chat-client: {clean(hint)}", file=sys.stderr, flush=True)

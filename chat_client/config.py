@@ -31,6 +31,7 @@ class ClientConfig:
     probe_interval: float = 0.2
     rooms_given: bool = True  # False: the default; the UI may use the remembered rooms
     takeover: bool = False
+    trust_url: bool = False
     wait: float = 30.0
     seconds: bool = False
     title: bool = False
@@ -51,7 +52,8 @@ exit status:
   {EXIT_UNDELIVERED}  a message was not delivered: refused, cancelled, or not acknowledged
      within --wait seconds (the server unreachable, say); stderr says which
   {EXIT_NICK}  the nick cannot be used: registered to someone else (no secret for it here),
-     connected elsewhere (see --takeover), or invalid
+     connected elsewhere (see --takeover), invalid, or its secret was never used with
+     this URL (see --trust-url)
   {EXIT_STATE}  the nick's secret cannot be stored in the state directory
 """
 
@@ -167,6 +169,16 @@ def parse_config(
         ),
     )
     parser.add_argument(
+        "--trust-url",
+        action="store_true",
+        help=(
+            "send your nick's secret to this URL even though it was never used with it, "
+            "and remember the URL for it: a server announces which database it serves, "
+            "and anyone can announce another's, so a secret goes only where it has been "
+            "(line mode otherwise exits with status 4; the full-screen UI asks)"
+        ),
+    )
+    parser.add_argument(
         "--wait",
         type=float,
         default=float(env.get("CHAT_WAIT", "30")),
@@ -232,6 +244,7 @@ def parse_config(
         probe_interval=args.probe_interval,
         rooms_given=args.rooms is not None,
         takeover=args.takeover,
+        trust_url=args.trust_url,
         wait=args.wait,
         seconds=args.seconds,
         title=args.title,

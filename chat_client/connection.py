@@ -46,7 +46,7 @@ from websockets.exceptions import (
     InvalidURI,
 )
 
-from chat_client.secrets import SecretStore, SecretStoreError
+from chat_client.secrets import NewUrl, SecretStore, SecretStoreError
 from chat_protocol import CloseCode
 from chat_protocol.limits import EPOCH_HEADER, MAX_BODY_CHARS, MAX_FRAME_BYTES, MAX_ROOMS
 from chat_protocol.names import nick_key, normalize_room
@@ -74,9 +74,10 @@ class Refusal:
 
     ``code`` is ``nick_taken`` (registered to someone else), ``nick_in_use`` (yours, but
     connected elsewhere: take over?), ``nick_invalid``, ``secret_store`` (the secret
-    cannot be kept, so the nick must not be claimed) or ``replaced`` (another client of
-    this nick took over). ``during_session`` is True when it answers a ``/nick`` while
-    connected: the session goes on under the old nick.
+    cannot be kept, so the nick must not be claimed), ``new_url`` (the secret was never
+    sent to this URL: is it the same server? :meth:`ChatConnection.trust_url`) or
+    ``replaced`` (another client of this nick took over). ``during_session`` is True
+    when it answers a ``/nick`` while connected: the session goes on under the old nick.
     """
 
     code: str
@@ -218,8 +219,12 @@ class ChatConnection:
         ping_timeout: float | None = 20.0,
         backoff: Backoff = Backoff(),
         takeover: bool = False,
+        trust_url: bool = False,
     ) -> None:
         self.url = url
+        #: Send any nick's secret through this URL even if it was never used with it
+        #: (``--trust-url``; see :mod:`chat_client.secrets` for why it is asked).
+        self.trust_all = trust_url
         #: Where this nick's secrets are filed: the database the server announces in the
         #: handshake (so one person's secret works through every URL of one server), or
         #: the URL for a server that announces none.
@@ -351,7 +356,9 @@ class ChatConnection:
         and asks for the new one once synced, after its unsent messages: those were
         typed, and are shown, under the current nick and are sent under it.
 
-        Raises :class:`SecretStoreError` when a new nick's secret cannot be kept.
+        Raises :class:`SecretStoreError` when a new nick's secret cannot be kept, and
+        :class:`NewUrl` when the nick's secret was never sent to this URL (ask the
+        person, then :meth:`trust_url`).
         """
         self._next_nick = None
         if self.welcomed:
@@ -359,7 +366,7 @@ class ChatConnection:
             return True
         if self.epoch is not None and not (
             self._waiting is not None
-            and self._waiting.code in ("nick_taken", "nick_in_use", "nick_invalid")
+            and self._waiting.code in ("nick_taken", "nick_in_use", "nick_invalid", "new_url")
         ):
             self._next_nick = (nick, takeover)
             return False
@@ -373,6 +380,11 @@ class ChatConnection:
         frame["secret"] = self._secret_for(nick)
         frame["takeover"] = takeover
         return frame
+
+    def trust_url(self, nick: str) -> None:
+        """The person says this URL is the server that holds ``nick``'s secret: send it
+        there, now and from now on. Raises :class:`SecretStoreError`."""
+        self.secrets.trust(self.server, nick, self.url)
 
     def reconnect_now(self) -> None:
         """Skip the backoff (or leave a wait for the user) and connect again now."""
@@ -417,6 +429,9 @@ class ChatConnection:
                     except SecretStoreError as exc:
                         self._closing_for = Refusal("secret_store", self.nick, str(exc))
                         await ws.close(1000, "the nick's secret cannot be kept")
+                    except NewUrl as exc:  # nothing was sent: the server learns nothing
+                        self._closing_for = Refusal("new_url", self.nick, str(exc))
+                        await ws.close(1000, "not sure this is the nick's server")
                     else:
                         if await self._session(ws, hello):
                             attempt = 0
@@ -544,16 +559,31 @@ class ChatConnection:
             pass
 
     def _secret_for(self, nick: str) -> str:
-        """The nick's secret; for a nick we hold none of, a new one, stored before use."""
+        """The nick's secret; for a nick we hold none of, a new one, stored before use.
+
+        Raises :class:`NewUrl` for a secret filed under an epoch that was never sent
+        through this URL: the epoch is public, so a look-alike server at another URL can
+        announce it to collect secrets (see :mod:`chat_client.secrets`).
+        """
         secret = self.secrets.get(self.server, nick)
-        if secret is None and self.server != self.url:
-            # Filed by URL (by an older client): file it by the server from now on.
-            secret = self.secrets.get(self.url, nick)
-            if secret is not None:
-                self.secrets.put(self.server, nick, secret)
+        if self.server == self.url:  # no epoch announced: filed by this very URL
+            if secret is None:
+                secret = self.secrets.propose(self.server, nick, self.url)
+                self._proposed.add(nick_key(nick))
+            return secret
+        by_url = self.secrets.get(self.url, nick)  # filed by this URL by an older client
+        if secret is None and by_url is not None:
+            self.secrets.trust(self.server, nick, self.url)
+            self.secrets.put(self.server, nick, by_url)  # filed by the server from now on
+            return by_url
         if secret is None:
-            secret = self.secrets.propose(self.server, nick)
+            secret = self.secrets.propose(self.server, nick, self.url)
             self._proposed.add(nick_key(nick))
+            return secret
+        if by_url == secret or self.trust_all:
+            self.secrets.trust(self.server, nick, self.url)
+        elif not self.secrets.trusted(self.server, nick, self.url):
+            raise NewUrl(nick, self.url, self.secrets.urls(self.server, nick))
         return secret
 
     def _hello(self) -> Frame:
@@ -600,6 +630,9 @@ class ChatConnection:
                 except SecretStoreError as exc:
                     refusal = Refusal("secret_store", nick, str(exc), during_session=True)
                     self._status(self.status.state, self.status.detail, refusal=refusal)
+                except NewUrl as exc:
+                    refusal = Refusal("new_url", nick, str(exc), during_session=True)
+                    self._status(self.status.state, self.status.detail, refusal=refusal)
         elif kind == "error":
             self._error(frame)
 
@@ -627,6 +660,7 @@ class ChatConnection:
         self._proposed.discard(nick_key(nick))
         if isinstance(secret, str):
             try:
+                self.secrets.trust(self.server, nick, self.url)
                 self.secrets.put(self.server, nick, secret)
             except SecretStoreError as exc:
                 log.error("%s", exc)

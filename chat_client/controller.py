@@ -21,7 +21,7 @@ from chat_client.connection import (
     Status,
 )
 from chat_client.model import HELP_WINDOW, SERVER_WINDOW, ChatModel
-from chat_client.secrets import SecretStoreError
+from chat_client.secrets import NewUrl, SecretStoreError
 from chat_client.settings import Settings
 from chat_protocol.names import is_valid_nick, nick_key, normalize_room
 
@@ -171,10 +171,39 @@ class Controller:
             )
         elif code == "secret_store":
             model.notice(f"{refusal.message}. Fix it, then /reconnect.", tone="error")
+        elif code == "new_url":
+            if self.interactive:
+                self._ask_new_url(nick, refusal.message, during=refusal.during_session)
+            return
         else:
             model.notice(f"{refusal.message} ({code})", tone="error")
         if model.active != SERVER_WINDOW and code != "nick_in_use":
             model.notice(f"{code}: {refusal.message}", SERVER_WINDOW, tone="error")
+
+    def _ask_new_url(self, nick: str, why: str, *, during: bool) -> None:
+        """Ask once whether this URL is the server the nick's secret belongs to (any server
+        can announce another's epoch); yes is remembered for that secret."""
+        model = self.model
+
+        def trust() -> None:
+            try:
+                self.connection.trust_url(nick)
+            except SecretStoreError as exc:
+                model.notice(f"{exc}: the nick was not claimed", tone="error")
+                return
+            if during:
+                self._change_nick(nick, takeover=False)
+            else:
+                self.connection.reconnect_now()
+
+        def refuse() -> None:
+            model.notice(
+                f"{nick}'s secret was not sent: /nick OTHER to use another nick here"
+                + ("" if during else ", or /reconnect to be asked again"),
+                tone="error",
+            )
+
+        self.ask(f"{why}. Trust {self.connection.url} for {nick}? (y/n)", trust, refuse)
 
     def status_text(self) -> str:
         if self.model.status == LinkState.RECONNECTING and self.retry_at is not None:
@@ -285,6 +314,9 @@ class Controller:
             now = self.connection.change_nick(nick, takeover=takeover)
         except SecretStoreError as exc:
             self.model.notice(f"{exc}: the nick was not claimed", tone="error")
+            return False
+        except NewUrl as exc:
+            self._ask_new_url(nick, str(exc), during=True)
             return False
         if not now:
             unsent = self.undelivered()

@@ -11,7 +11,21 @@ database the server announces in its handshake (``Chat-Epoch``): the same person
 one server by several URLs (the host's published port, the compose network's name) and
 must present the same secret through each. For a server that announces no epoch it is
 the percent-encoded URL (as older clients filed every secret; those are found and
-refiled). The directory is the person's: in the compose deployment a person's client
+refiled).
+
+An epoch is public: anyone can read it from the real server and announce it from a
+look-alike of their own. So a secret filed under an epoch is sent, without asking, only
+through the URLs it has already been used with, listed beside it in ``<nick>.urls`` (one
+a line: the URL it was proposed or found through, and every URL the person has trusted).
+A new URL announcing the same epoch gets the secret only once the person says it is the
+same server (the full-screen UI asks; line mode refuses and names ``--trust-url``), and
+is then remembered for that secret. This keeps what filing by URL gave (a look-alike at
+another URL gets nothing) and what filing by epoch gives (one secret through every URL
+of one server, after one yes per URL). A challenge-response protocol, in which the
+secret never leaves the client, would need no question; it is a protocol change not
+made here.
+
+The directory is the person's: in the compose deployment a person's client
 bind-mounts their own directory, and each demo replica has its own volume, so no other
 client reads it (Docker itself can: its users are root-equivalent).
 """
@@ -34,6 +48,20 @@ class SecretStoreError(OSError):
     """A secret cannot be kept: the nick must not be claimed with it."""
 
 
+class NewUrl(Exception):
+    """The nick's secret was never sent to this URL: the person must say it is the same
+    server before it is (see the module's docstring)."""
+
+    def __init__(self, nick: str, url: str, known: list[str]) -> None:
+        self.nick, self.url, self.known = nick, url, known
+        used = ", ".join(known) if known else "no URL this client remembers"
+        super().__init__(
+            f"{url} announces the server you hold {nick}'s secret for, but the secret has "
+            f"only been used with {used}; any server can announce that, so the secret is "
+            "sent there only if you trust this URL to be that same server"
+        )
+
+
 class SecretStore:
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir / "secrets"
@@ -51,30 +79,59 @@ class SecretStore:
             raise SecretStoreError(_explain(exc, self._path(server, nick))) from None
 
     def put(self, server: str, nick: str, secret: str) -> None:
-        path = self._path(server, nick)
+        self._write(self._path(server, nick), secret + "\n")
+
+    def _write(self, path: Path, text: str) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
             path.parent.mkdir(exist_ok=True, mode=0o700)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as file:
-                file.write(secret + "\n")
+                file.write(text)
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(tmp, path)  # atomic: a crash never leaves half a secret
         except OSError as exc:
             raise SecretStoreError(_explain(exc, path)) from None
 
-    def propose(self, server: str, nick: str) -> str:
-        """A new secret for a nick we hold none of, stored before anyone sees it."""
+    def propose(self, server: str, nick: str, url: str) -> str:
+        """A new secret for a nick we hold none of, stored before anyone sees it, and
+        trusted to go to ``url`` (the URL it is proposed through)."""
         secret = secrets.token_urlsafe(PROPOSED_BYTES)
+        self.trust(server, nick, url)
         self.put(server, nick, secret)
         return secret
 
+    def _urls_path(self, server: str, nick: str) -> Path:
+        # A nick key has no ".", so "<key>.urls" is never another nick's secret.
+        return self._path(server, nick).with_suffix(".urls")
+
+    def urls(self, server: str, nick: str) -> list[str]:
+        """The URLs the nick's secret may be sent to without asking (see the module)."""
+        path = self._urls_path(server, nick)
+        try:
+            return [line for line in path.read_text().splitlines() if line]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            raise SecretStoreError(_explain(exc, path)) from None
+
+    def trusted(self, server: str, nick: str, url: str) -> bool:
+        return url in self.urls(server, nick)
+
+    def trust(self, server: str, nick: str, url: str) -> None:
+        """From now on, send the nick's secret filed under ``server`` to ``url`` too."""
+        urls = self.urls(server, nick)
+        if url in urls:
+            return
+        self._write(self._urls_path(server, nick), "".join(f"{u}\n" for u in [*urls, url]))
+
     def discard(self, server: str, nick: str) -> None:
         """Forget a secret that the server did not accept (the nick is someone else's)."""
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            self._path(server, nick).unlink()
+        for path in (self._path(server, nick), self._urls_path(server, nick)):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                path.unlink()
 
 
 def _explain(exc: OSError, path: Path) -> str:

@@ -3,15 +3,23 @@ pseudo-terminal (pyte) running the real client against a real server process."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import quote
 
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.http11 import Request, Response
+
 from chat_client.settings import Settings
+from chat_protocol.limits import EPOCH_HEADER
 from tests.helpers import peer
-from tests.terminal import paste
+from tests.terminal import Terminal, paste
 from tests.test_client_screen import client, server
 
 
@@ -96,9 +104,11 @@ async def test_emoji_sequences_wrap_and_collapse_where_the_terminal_draws_them(
                 assert char not in raw, f"U+{ord(char):04X} reached the terminal"
 
 
-def line_client(url: str, state: Path, nick: str = "alice") -> subprocess.CompletedProcess[str]:
+def line_client(
+    url: str, state: Path, nick: str = "alice", *args: str
+) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "chat_client", "--url", url, "--nick", nick]
-    command += ["--state-dir", str(state), "--mode", "line"]
+    command += ["--state-dir", str(state), "--mode", "line", *args]
     return subprocess.run(command, input="hi\n", capture_output=True, text=True, timeout=30)
 
 
@@ -108,8 +118,13 @@ def test_one_persons_secret_works_through_every_url_of_one_server(db: Path, tmp_
         first = line_client(proc.url, tmp_path)
         assert first.returncode == 0, first.stderr
         other = proc.url.rstrip("/") + "/another/url"
-        again = line_client(other, tmp_path)
+        asked = line_client(other, tmp_path)  # a new URL: only with the person's yes
+        assert asked.returncode == 4, asked.stderr
+        assert "--trust-url" in asked.stderr
+        again = line_client(other, tmp_path, "alice", "--trust-url")
         assert again.returncode == 0, again.stderr
+        remembered = line_client(other, tmp_path)
+        assert remembered.returncode == 0, remembered.stderr
         assert len(list((tmp_path / "secrets").glob("*/alice"))) == 1, "one secret, one file"
 
         # A secret filed by URL (older clients did that) is still found, and refiled.
@@ -216,3 +231,87 @@ async def test_closing_a_window_never_throws_unsent_lines_away(db: Path, tmp_pat
             term.type("/close\r")
             await term.wait_for(lambda s: "#dev" not in term.status())
             proc.start()
+
+
+@asynccontextmanager
+async def look_alike(real_url: str) -> AsyncIterator[tuple[str, list[str], list[str]]]:
+    """Somebody else's server at another URL, announcing the real server's epoch (public:
+    any handshake shows it), recording every frame it receives; it refuses each hello as
+    the real server would refuse a nick that is not ours, so the client stops."""
+    async with connect(real_url) as probe:
+        assert probe.response is not None
+        epoch = probe.response.headers[EPOCH_HEADER]
+    received: list[str] = []  # every frame
+    clients: list[str] = []  # every connection, by the path it asked for
+
+    def announce(_: ServerConnection, request: Request, response: Response) -> Response:
+        response.headers[EPOCH_HEADER] = epoch
+        return response
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        clients.append(ws.request.path)
+        async for data in ws:
+            received.append(str(data))
+            error = {"type": "error", "code": "nick_taken", "message": "taken", "ref": "hello"}
+            await ws.send(json.dumps(error))
+
+    async with serve(handler, "127.0.0.1", 0, process_response=announce) as fake:
+        port = next(iter(fake.sockets)).getsockname()[1]
+        yield f"ws://127.0.0.1:{port}", received, clients
+
+
+async def test_a_server_announcing_anothers_epoch_never_gets_the_secret(
+    db: Path, tmp_path: Path
+) -> None:
+    with server(db) as proc:
+        first = line_client(proc.url, tmp_path)
+        assert first.returncode == 0, first.stderr
+        (secret_file,) = (tmp_path / "secrets").glob("epoch-*/alice")
+        secret = secret_file.read_text().strip()
+
+        async with look_alike(proc.url) as (fake_url, received, clients):
+            stolen = await asyncio.to_thread(line_client, fake_url, tmp_path)
+            assert clients, "the client did reach the look-alike"
+            assert not any(secret in frame for frame in received), "the secret went to it"
+            assert stolen.returncode == 4, stolen.stderr
+            assert "--trust-url" in stolen.stderr, "line mode names the way to trust a URL"
+            assert fake_url in stolen.stderr and proc.url in stolen.stderr
+
+            # Trusting another URL of the real server does not trust this one.
+            other = proc.url + "/via/another/name"
+            trusted = await asyncio.to_thread(line_client, other, tmp_path, "alice", "--trust-url")
+            assert trusted.returncode == 0, trusted.stderr
+            again = await asyncio.to_thread(line_client, fake_url, tmp_path)
+            assert again.returncode == 4, again.stderr
+            assert not any(secret in frame for frame in received), "the secret went to it"
+        assert secret_file.read_text().strip() == secret, "the secret is kept as it was"
+
+
+async def test_the_full_screen_ui_asks_before_sending_a_secret_to_a_new_url(
+    db: Path, tmp_path: Path
+) -> None:
+    with server(db) as proc:
+        first = line_client(proc.url, tmp_path)
+        assert first.returncode == 0, first.stderr
+        other = proc.url + "/another/url"
+        args = ["--url", other, "--nick", "alice", "--state-dir", str(tmp_path), "--mode", "tui"]
+        term = Terminal(args)
+        try:
+            await term.wait_for(lambda s: "for alice? (y/n)" in s)
+            assert f"only been used with {proc.url}" in term.text().replace("\n", "")
+            term.type("n")
+            await term.wait_for(lambda s: "alice's secret was not sent" in s)
+            assert "offline" in term.status()
+            term.type("/reconnect\r")
+            await term.wait_for(lambda s: s.count("for alice? (y/n)") >= 2)
+            term.type("y")
+            await term.wait_for(lambda s: "│ connected" in s)
+        finally:
+            term.close()
+        term = Terminal(args)  # remembered: connects without a question
+        try:
+            await term.wait_for(lambda s: "│ connected" in s)
+            assert "(y/n)" not in term.text()
+        finally:
+            term.close()
