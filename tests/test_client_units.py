@@ -365,13 +365,20 @@ def test_secret_store_proposes_keeps_and_discards(tmp_path: Any) -> None:
     from chat_client.secrets import SecretStore, SecretStoreError
 
     store = SecretStore(tmp_path)
-    secret = store.propose("ws://a:1", "newbie")
-    assert len(secret) == 43 and store.get("ws://a:1", "NEWBIE") == secret
-    store.discard("ws://a:1", "newbie")
-    assert store.get("ws://a:1", "newbie") is None
+    secret = store.propose("epoch-e1", "newbie", "ws://a:1")
+    assert len(secret) == 43 and store.get("epoch-e1", "NEWBIE") == secret
+    assert store.urls("epoch-e1", "newbie") == ["ws://a:1"], "trusted where it is proposed"
+    assert not store.trusted("epoch-e1", "newbie", "ws://b:1")
+    store.trust("epoch-e1", "newbie", "ws://b:1")
+    store.trust("epoch-e1", "newbie", "ws://b:1")
+    assert store.urls("epoch-e1", "newbie") == ["ws://a:1", "ws://b:1"]
+    assert store.get("epoch-e1", "newbie") == secret, "the URL list is not a secret"
+    store.discard("epoch-e1", "newbie")
+    assert store.get("epoch-e1", "newbie") is None
+    assert store.urls("epoch-e1", "newbie") == [], "forgotten with the secret"
     (tmp_path / "file").write_text("x")
     with pytest.raises(SecretStoreError, match="cannot keep your nick's secret"):
-        SecretStore(tmp_path / "file").propose("ws://a:1", "newbie")
+        SecretStore(tmp_path / "file").propose("epoch-e1", "newbie", "ws://a:1")
 
 
 def test_a_429_retry_after_is_a_floor_for_the_next_try() -> None:
