@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -213,6 +214,49 @@ async def test_full_screen_client_with_compose_run_and_alt_keys(
         term.child.expect(pexpect.EOF, timeout=30)
     finally:
         term.close()
+
+
+async def test_one_nick_from_the_host_and_from_compose_run_after_one_yes(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The host's client (127.0.0.1) and `docker compose run chat` (server:8765) share one
+    person's secret; the second URL gets it only after the person says yes, once."""
+    stack.up(1)
+    nick = "both-" + uuid.uuid4().hex[:6]
+    env, user = person(tmp_path, "both", 2003)
+    home = Path(env["CHAT_STATE_DIR"])
+    host = await asyncio.to_thread(host_client, stack.url, home, user, nick)
+    assert host.returncode == 0, host.stderr
+    term = chat_run(stack, env, user, nick)
+    try:
+        await term.wait_for(lambda s: "Trust ws://server:8765" in s and "(y/n)" in s, 90)
+        assert "│ connected" not in term.status()
+        term.type("y")
+        await term.wait_for(lambda s: f"│ {nick} │" in s and "│ connected" in s, timeout=30)
+        term.type("/quit\r")
+        term.child.expect(pexpect.EOF, timeout=30)
+    finally:
+        term.close()
+    urls = await asyncio.to_thread(trusted_urls, home, nick)
+    assert urls == [stack.url, "ws://server:8765"]
+
+
+def host_client(url: str, home: Path, user: str, nick: str) -> subprocess.CompletedProcess[str]:
+    """The person's client on the host, in line mode; its files are the person's (as root,
+    handed to the made-up uid the person's container runs as)."""
+    command = [sys.executable, "-m", "chat_client", "--url", url, "--nick", nick]
+    command += ["--state-dir", str(home), "--mode", "line"]
+    done = subprocess.run(command, input="from the host\n", capture_output=True, text=True)
+    if os.getuid() == 0:
+        uid, gid = (int(part) for part in user.split(":"))
+        for path in [home, *home.rglob("*")]:
+            os.chown(path, uid, gid)
+    return done
+
+
+def trusted_urls(home: Path, nick: str) -> list[str]:
+    (urls,) = home.glob(f"secrets/epoch-*/{nick}.urls")
+    return urls.read_text().splitlines()
 
 
 async def test_alice_cannot_take_bobs_nick_and_replicas_keep_their_own_secrets(
