@@ -21,11 +21,15 @@ from websockets.http11 import Request, Response
 
 from chat_protocol import ErrorCode, encode
 from chat_protocol.limits import MAX_BODY_CHARS, MAX_FRAME_BYTES, MAX_ROOMS
+from chat_server.backends import open_store, redacted
+from chat_server.backends.base import ChatStore
+from chat_server.backends.postgres import PostgresStore
+from chat_server.cluster import Cluster
 from chat_server.config import ServerConfig
-from chat_server.fanout import Delivery, Hub, Member
+from chat_server.fanout import Delivery, Hub
 from chat_server.messages import Committed, Draft
 from chat_server.session import Context, Session
-from chat_server.store import Store, StoreUnavailable
+from chat_server.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +40,15 @@ HEALTH_TIMEOUT = 3.0
 class ChatServer:
     """The running server; also the store's commit listener."""
 
-    def __init__(self, config: ServerConfig, store: Store) -> None:
+    def __init__(self, config: ServerConfig, store: ChatStore) -> None:
         self.config = config
         self.store = store
         self.hub = Hub(config.send_buffer_limit)
-        self.ctx = Context(config, store, self.hub, _announced_limits(config))
+        #: Set when the store is shared by several replicas (PostgreSQL).
+        self.cluster: Cluster | None = None
+        if isinstance(store, PostgresStore):
+            self.cluster = Cluster(store, self.hub, timeout=config.replica_timeout)
+        self.ctx = Context(config, store, self.hub, _announced_limits(config), cluster=self.cluster)
         self.server: Server | None = None
         self._stopped = asyncio.Event()
         #: Open connections per remote IP address, for max_connections_per_ip.
@@ -89,6 +97,9 @@ class ChatServer:
             detail = self.store.last_error or type(exc).__name__
             text = f"database not writable: {detail}\n"
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, text)
+        if self.cluster is not None and not self.cluster.healthy:
+            text = "the live message stream (LISTEN) is not connected\n"
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, text)
         return connection.respond(HTTPStatus.OK, "OK\n")
 
     # --- CommitListener ----------------------------------------------------------------
@@ -99,17 +110,10 @@ class ChatServer:
         deliveries: list[Delivery] = []
         for result in results:
             message = result.message
-            if result.fresh:
-                recipients: list[Member]
-                if message.room is not None:
-                    recipients = list(hub.room_members(message.room))
-                else:
-                    recipients = [
-                        member
-                        for key in dict.fromkeys((message.sender_key, message.recipient_key))
-                        if key is not None and (member := hub.online.get(key)) is not None
-                    ]
-                deliveries.append((recipients, encode(message.frame()), message))
+            # In a cluster every replica delivers messages from the ordered stream
+            # (chat_server.cluster), its own included; here only the acks.
+            if result.fresh and self.cluster is None:
+                deliveries.append((hub.recipients(message), encode(message.frame()), message))
             origin = result.draft.origin
             if isinstance(origin, Session):
                 ack = {"type": "ack", "cid": message.cid, "id": message.id, "ts": message.ts}
@@ -148,16 +152,12 @@ def _announced_limits(config: ServerConfig) -> dict[str, Any]:
 @asynccontextmanager
 async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
     """Open the database and serve; on exit shut down gracefully in the documented order."""
-    store = await Store.open(
-        config.db,
-        synchronous=config.synchronous,
-        batch_max=config.batch_max,
-        queue_max=config.queue_max,
-        batch_wait=config.batch_wait_ms / 1000,
-    )
+    store = await open_store(config)
     chat = ChatServer(config, store)
     store.start(chat)
     try:
+        if chat.cluster is not None:
+            await chat.cluster.start()
         async with serve(
             chat.handler,
             config.host,
@@ -175,7 +175,7 @@ async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
                 "listening on %s:%d, database %s (last id %d)",
                 config.host,
                 chat.port,
-                config.db,
+                redacted(str(config.db)),
                 store.last_id,
             )
             try:
@@ -187,6 +187,8 @@ async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
                 if chat.ctx.closing:
                     await asyncio.gather(*chat.ctx.closing, return_exceptions=True)
     finally:
+        if chat.cluster is not None:
+            await chat.cluster.stop()
         await store.close()
         log.info(
             "database closed; last id %d; %d messages in %d group commits",

@@ -10,7 +10,6 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import get_args
 
 from chat_server.store import Synchronous
@@ -20,7 +19,8 @@ from chat_server.store import Synchronous
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8765
-    db: Path = Path("chat.db")
+    #: The store: a SQLite file (a path or ``sqlite:///path``) or ``postgresql://...``.
+    db: str = "chat.db"
     #: SQLite ``synchronous`` in WAL mode. FULL: an acknowledged message survives power
     #: loss. NORMAL: it survives a crash of the server process (kill -9) but the last
     #: commits may be lost if the machine itself loses power.
@@ -50,6 +50,9 @@ class ServerConfig:
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
     close_timeout: float = 5.0
+    #: PostgreSQL only: seconds without a heartbeat before a replica counts as dead and
+    #: its sessions end (others announce them as gone).
+    replica_timeout: float = 10.0
     log_level: str = "INFO"
 
 
@@ -58,7 +61,7 @@ _ENV = {f.name: "CHAT_" + f.name.upper() for f in fields(ServerConfig)}
 _HELP = {
     "host": "address to listen on",
     "port": "TCP port for WebSocket and /healthz (0: any free port)",
-    "db": "SQLite database file",
+    "db": "database: a SQLite file (path or sqlite:///path) or postgresql://user:pw@host/db",
     "synchronous": "SQLite synchronous mode (FULL survives power loss, NORMAL a crash)",
     "batch_max": "most messages in one group commit (at most 2000)",
     "batch_wait_ms": "milliseconds a batch waits for more messages before its commit",
@@ -74,6 +77,7 @@ _HELP = {
     "ping_interval": "seconds between keepalive pings (0: none)",
     "ping_timeout": "seconds to wait for a pong before closing",
     "close_timeout": "seconds to wait for a closing handshake",
+    "replica_timeout": "PostgreSQL: seconds of silence before a replica counts as dead",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
 

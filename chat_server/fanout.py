@@ -42,11 +42,23 @@ class Member(Protocol):
         """Close the member's connection in the background."""
 
 
+class RemoteView(Protocol):
+    """Who is online on the *other* replicas of a cluster (``chat_server.cluster``)."""
+
+    def nicks(self, room: str | None) -> list[str]:
+        """Nicks in ``room`` elsewhere; with None, every nick online elsewhere."""
+
+    def counts(self) -> dict[str, int]:
+        """Members per room elsewhere."""
+
+
 class Hub:
     def __init__(self, buffer_limit: int) -> None:
         self.buffer_limit = buffer_limit
         self.online: dict[str, Member] = {}
         self.rooms: dict[str, dict[str, Member]] = {}
+        #: In a cluster: the other replicas' members, so that who/rooms/joined see them.
+        self.remote: RemoteView | None = None
 
     # --- membership ------------------------------------------------------------------
 
@@ -76,10 +88,18 @@ class Hub:
                 del self.rooms[room]
 
     def members(self, room: str) -> list[str]:
-        return sorted((m.nick for m in self.rooms.get(room, {}).values()), key=str.lower)
+        return _merged((m.nick for m in self.rooms.get(room, {}).values()), self.remote, room)
+
+    def online_nicks(self) -> list[str]:
+        """Everybody online (cluster-wide in a cluster), sorted."""
+        return _merged((m.nick for m in self.online.values()), self.remote, None)
 
     def member_counts(self) -> dict[str, int]:
-        return {room: len(members) for room, members in self.rooms.items()}
+        counts = {room: len(members) for room, members in self.rooms.items()}
+        if self.remote is not None:
+            for room, count in self.remote.counts().items():
+                counts[room] = counts.get(room, 0) + count
+        return counts
 
     def rooms_of(self, member: Member) -> list[str]:
         return [room for room in self.rooms if self.is_member(member, room)]
@@ -88,6 +108,13 @@ class Hub:
 
     def room_members(self, room: str) -> Iterable[Member]:
         return self.rooms.get(room, {}).values()
+
+    def recipients(self, message: StoredMessage) -> list[Member]:
+        """This process's members who get a stored message: its room, or the DM's two ends."""
+        if message.room is not None:
+            return list(self.room_members(message.room))
+        keys = dict.fromkeys((message.sender_key, message.recipient_key))
+        return [m for key in keys if key is not None and (m := self.online.get(key)) is not None]
 
     def publish(
         self, recipients: Iterable[Member], data: bytes, message: StoredMessage | None = None
@@ -139,6 +166,14 @@ class Hub:
         member.kick(
             CloseCode.POLICY, f"too slow: over {self.buffer_limit} bytes waiting to be sent"
         )
+
+
+def _merged(local: Iterable[str], remote: RemoteView | None, room: str | None) -> list[str]:
+    nicks = {nick.lower(): nick for nick in local}
+    if remote is not None:
+        for nick in remote.nicks(room):
+            nicks.setdefault(nick.lower(), nick)
+    return sorted(nicks.values(), key=str.lower)
 
 
 def write_frames(connection: ServerConnection, frames: list[bytes]) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -37,7 +37,11 @@ from chat_server.config import ServerConfig
 from chat_server.fanout import Held, Hub, write_frames
 from chat_server.messages import Draft, StoredMessage, channel_of
 from chat_server.ratelimit import TokenBucket
-from chat_server.store import Store, StoreUnavailable
+from chat_server.store import StoreUnavailable
+
+if TYPE_CHECKING:
+    from chat_server.backends.base import ChatStore
+    from chat_server.cluster import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +54,12 @@ class Context:
     """What every session shares: settings, the store, the hub, background closes."""
 
     config: ServerConfig
-    store: Store
+    store: ChatStore
     hub: Hub
     limits: dict[str, Any]
     closing: set[asyncio.Task[None]] = field(default_factory=set)
+    #: Set when this server is one replica of a cluster (a PostgreSQL store).
+    cluster: Cluster | None = None
 
     def close_later(self, connection: ServerConnection, code: int, reason: str) -> None:
         task = asyncio.create_task(connection.close(code, reason))
@@ -198,12 +204,16 @@ class Session:
         hub = self.ctx.hub
         if not self.nick_key or hub.online.get(self.nick_key) is not self:
             return
+        if self.ctx.cluster is not None:
+            self.ctx.cluster.offline(self)
         rooms = hub.remove(self)
         for room in rooms:
             self._presence(room, {"event": "leave", "room": room, "nick": self.nick})
 
     def _presence(self, room: str, event: Frame) -> None:
         """Tell a room's other members that something happened to this session."""
+        if self.ctx.cluster is not None:
+            return  # the cluster derives presence from the database's ordered events
         others = [m for m in self.ctx.hub.room_members(room) if m is not self]
         self.ctx.hub.publish(others, encode({"type": "presence", **event}))
 
@@ -235,7 +245,7 @@ class Session:
 
     async def _hello(self, hello: Hello, ref: str | None) -> bool:
         claimed = await self._claim(hello.nick, hello.secret, ref)
-        if claimed is None:
+        if claimed is None or not await self._go_online(claimed[0], hello.rooms, ref):
             return False
         self.nick, secret = claimed
         self.nick_key = nick_key(self.nick)
@@ -266,10 +276,32 @@ class Session:
                 covered = await self._replay(hello.resume, hello.rooms)
             else:
                 covered = await self._recent(hello.rooms, hello.history)
+            await self._caught_up()
             self.write({"type": "synced"})
         finally:
             self._release(covered)
         return True
+
+    async def _go_online(self, nick: str, rooms: Sequence[str], ref: str | None) -> bool:
+        """In a cluster: become the nick's one live session everywhere (else: no-op)."""
+        if self.ctx.cluster is None:
+            return True
+        try:
+            await self.ctx.cluster.online(self, nick, nick_key(nick), rooms, self.remote)
+        except StoreUnavailable as exc:
+            self.error(ErrorCode.UNAVAILABLE, f"the database is unavailable: {exc}", ref)
+            return False
+        return True
+
+    async def _caught_up(self) -> None:
+        """In a cluster: before a hold ends, let the live stream pass what the catch-up read.
+
+        If that cannot be known the session is closed (the client resumes elsewhere)
+        rather than risk showing a message twice.
+        """
+        cluster = self.ctx.cluster
+        if cluster is not None and not await cluster.caught_up():
+            self.kick(1011, "the live message stream is unavailable: reconnect")
 
     async def _replay(self, after: int, rooms: Sequence[str]) -> Covered:
         messages, truncated = await self.ctx.store.replay(
@@ -306,6 +338,8 @@ class Session:
 
     def _release(self, covered: Covered) -> None:
         """End a hold: write what live traffic came in, minus what the catch-up sent."""
+        if self.closed_reason is not None:
+            return  # closing: keep holding, write nothing more
         held, self.hold = self.hold or [], None
         data = [frame for frame, message in held if message is None or not covered(message)]
         if data:
@@ -354,6 +388,8 @@ class Session:
             self.error(ErrorCode.TOO_MANY_ROOMS, f"at most {MAX_ROOMS} rooms at once", ref)
             return
         await self.ctx.store.ensure_rooms([join.room])
+        if self.ctx.cluster is not None and not already:
+            await self.ctx.cluster.room(self, join.room, joined=True)
         self.hold = []
         covered: Covered = _nothing
         try:
@@ -367,6 +403,7 @@ class Session:
             self.write({**history, "more": more})
             newest = messages[-1].id if messages else 0
             covered = lambda m: m.room == join.room and m.id <= newest  # noqa: E731
+            await self._caught_up()
         finally:
             self._release(covered)
 
@@ -375,6 +412,8 @@ class Session:
         if not hub.is_member(self, leave.room):
             self.error(ErrorCode.NOT_IN_ROOM, f"you are not in #{leave.room}", ref)
             return
+        if self.ctx.cluster is not None:
+            await self.ctx.cluster.room(self, leave.room, joined=False)
         hub.leave(self, leave.room)
         self.deliver(_with_ref({"type": "left", "room": leave.room}, ref))
         self._presence(leave.room, {"event": "leave", "room": leave.room, "nick": self.nick})
@@ -382,7 +421,7 @@ class Session:
     async def _nick(self, request: Nick, ref: str | None) -> None:
         old, old_key = self.nick, self.nick_key
         claimed = await self._claim(request.nick, request.secret, ref)
-        if claimed is None:
+        if claimed is None or not await self._go_online(claimed[0], self.rooms, ref):
             return
         hub = self.ctx.hub
         rooms = self.rooms
@@ -405,7 +444,7 @@ class Session:
     async def _who(self, who: Who, ref: str | None) -> None:
         hub = self.ctx.hub
         if who.room is None:
-            nicks = sorted((m.nick for m in hub.online.values()), key=str.lower)
+            nicks = hub.online_nicks()
             self.deliver(_with_ref({"type": "members", "nicks": nicks}, ref))
         else:
             nicks = hub.members(who.room)
