@@ -1,0 +1,282 @@
+"""Several server processes on one real PostgreSQL: the promises of one server, cluster-wide.
+
+Each replica is a real ``chat-server`` process with ``--db postgresql://...``; the
+database runs in a container (``tests/pg.py``). Selected with ``-m e2e``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from chat_server.cluster import Cluster
+from tests.helpers import Peer, peer, server
+from tests.pg import Postgres, fresh_database, query
+from tests.procs import ServerProcess
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+Replicas = Callable[..., list[ServerProcess]]
+#: Seconds of silence before a replica counts as dead, in these tests.
+REPLICA_TIMEOUT = 2
+
+
+@pytest.fixture
+def replicas() -> Iterator[Replicas]:
+    """Start N replicas on a database: ``replicas(url, 3, "--resume-cap", "6")``."""
+    started: list[ServerProcess] = []
+
+    def start(url: str, count: int, *args: str) -> list[ServerProcess]:
+        flags = ("--rate", "1000", "--burst", "1000", "--replica-timeout", str(REPLICA_TIMEOUT))
+        new = [ServerProcess(url, *flags, *args).start() for _ in range(count)]
+        started.extend(new)
+        return new
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def healthz(proc: ServerProcess) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{proc.port}/healthz", timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def until_healthz(proc: ServerProcess, status: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (seen := await asyncio.to_thread(healthz, proc)) != status:
+        assert time.monotonic() < deadline, f"/healthz stayed {seen}, expected {status}"
+        await asyncio.sleep(0.2)
+
+
+async def messages(p: Peer, count: int, timeout: float = 10.0) -> list[dict[str, object]]:
+    """The next ``count`` msg frames (other frames skipped)."""
+    got = []
+    while len(got) < count:
+        frame = await p.recv(timeout)
+        if frame["type"] == "msg":
+            got.append(frame)
+    return got
+
+
+async def test_every_client_on_every_replica_sees_one_order(
+    pg_url: str, replicas: Replicas
+) -> None:
+    procs = replicas(pg_url, 3)
+    async with (
+        peer(procs[0].url, "a") as a,
+        peer(procs[1].url, "b") as b,
+        peer(procs[2].url, "c") as c,
+        peer(procs[1].url, "watcher") as w,
+    ):
+        everyone = {"a": a, "b": b, "c": c, "w": w}
+        for p in everyone.values():
+            await p.quiet(0.3)
+
+        async def burst(p: Peer, name: str) -> list[int]:
+            for n in range(40):
+                await p.send({"type": "send", "cid": f"{name}{n}", "room": "lobby", "body": f"{n}"})
+            return []
+
+        await asyncio.gather(burst(a, "a"), burst(b, "b"), burst(c, "c"))
+        seen = {name: [m["id"] for m in await messages(p, 120)] for name, p in everyone.items()}
+        assert seen["a"] == seen["b"] == seen["c"] == seen["w"]
+        assert seen["w"] == sorted(set(seen["w"]))
+        await w.send({"type": "history", "room": "lobby", "limit": 200, "ref": "h"})
+        history = await w.expect("history", ref="h")
+        assert [m["id"] for m in history["messages"]] == seen["w"]
+    stored = await query(pg_url, "SELECT id FROM messages ORDER BY id")
+    assert [r["id"] for r in stored] == seen["w"]
+
+
+async def test_cid_resent_to_another_replica_after_kill_9_gets_the_original(
+    pg_url: str, replicas: Replicas
+) -> None:
+    a, b = replicas(pg_url, 2)
+    acked: dict[str, tuple[int, int]] = {}
+    async with peer(b.url, "bob") as bob:
+        await bob.quiet(0.3)
+        async with peer(a.url, "alice") as alice:
+            secret = alice.welcome["secret"]
+            cids = [f"m{n}" for n in range(60)]
+            for cid in cids:
+                await alice.send({"type": "send", "cid": cid, "room": "lobby", "body": cid})
+            while len(acked) < 20:  # some acknowledged, some perhaps still in flight
+                frame = await alice.recv()
+                if frame["type"] == "ack":
+                    acked[frame["cid"]] = (frame["id"], frame["ts"])
+            a.kill()  # SIGKILL: no goodbye to anybody
+        # The client fails over to the other replica and resends everything unacknowledged
+        # — and, to be sure, everything acknowledged too.
+        async with peer(b.url, "alice", secret=secret) as alice:
+            for cid in cids:
+                await alice.send({"type": "send", "cid": cid, "room": "lobby", "body": cid})
+            again: dict[str, tuple[int, int]] = {}
+            while len(again) < len(cids):
+                frame = await alice.recv()
+                assert frame["type"] != "error", frame
+                if frame["type"] == "ack":
+                    again[frame["cid"]] = (frame["id"], frame["ts"])
+        for cid, original in acked.items():
+            assert again[cid] == original
+        bob_saw = [m["cid"] for m in await bob.quiet(1.0) if m["type"] == "msg"]
+    assert sorted(bob_saw) == sorted(set(bob_saw)), "a resend was delivered twice"
+    assert set(bob_saw) == set(cids)
+    rows = await query(pg_url, "SELECT cid, id, ts FROM messages")
+    assert sorted(r["cid"] for r in rows) == sorted(cids)
+    assert {r["cid"]: (r["id"], r["ts"]) for r in rows} == again
+
+
+async def test_resume_on_another_replica_gets_exactly_what_was_missed(
+    pg_url: str, replicas: Replicas
+) -> None:
+    a, b, c = replicas(pg_url, 3, "--resume-cap", "6")
+    async with peer(a.url, "alice") as alice:
+        secret = alice.welcome["secret"]
+        last = (await alice.say("seen"))["id"]
+    async with peer(b.url, "bob") as bob, peer(c.url, "carol") as carol:
+        missed = [(await bob.say(f"b{n}"))["id"] for n in range(2)]
+        missed += [(await carol.say(f"c{n}"))["id"] for n in range(2)]
+        missed.append((await bob.say("to alice", to="alice"))["id"])
+    async with peer(c.url, "alice", secret=secret, resume=last) as alice:
+        replayed = [f["id"] for f in alice.catchup if f["type"] == "msg"]
+        assert not [f for f in alice.catchup if f["type"] == "gap"]
+        assert replayed == missed
+        last = replayed[-1]
+    async with peer(b.url, "bob", secret=bob.welcome["secret"]) as bob:
+        more = [(await bob.say(f"x{n}"))["id"] for n in range(9)]
+    async with peer(a.url, "alice", secret=secret, resume=last) as alice:
+        gaps = [f for f in alice.catchup if f["type"] == "gap"]
+        replayed = [f["id"] for f in alice.catchup if f["type"] == "msg"]
+        assert replayed == more[-6:]
+        assert gaps == [{"type": "gap", "after": last, "before": more[-6]}]
+
+
+async def test_takeover_on_another_replica_closes_the_old_session_with_4001(
+    pg_url: str, replicas: Replicas
+) -> None:
+    a, b, c = replicas(pg_url, 3)
+    async with peer(c.url, "carol") as carol, peer(a.url, "alice") as old:
+        await carol.quiet(0.5)
+        async with peer(b.url, "alice", secret=old.welcome["secret"]) as new:
+            with pytest.raises(ConnectionClosed) as closed:
+                await old.quiet(5)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
+            assert "replaced" in closed.value.rcvd.reason
+            # alice never left the lobby: carol sees no presence change at all.
+            assert [f for f in await carol.quiet(1.0) if f["type"] == "presence"] == []
+            await carol.send({"type": "who", "ref": "w"})
+            assert (await carol.expect("members", ref="w"))["nicks"] == ["alice", "carol"]
+            await new.say("still me")
+            assert [m["body"] for m in await messages(carol, 1)] == ["still me"]
+    online = await query(pg_url, "SELECT nick FROM online ORDER BY nick")
+    assert online == []  # everybody disconnected: nobody is left online
+
+
+async def test_two_hellos_for_one_nick_on_two_replicas_leave_one_session(
+    pg_url: str, replicas: Replicas
+) -> None:
+    a, b = replicas(pg_url, 2)
+    async with peer(a.url, "dana") as first:
+        secret = first.welcome["secret"]
+    for _ in range(5):
+        async with peer(a.url) as one, peer(b.url) as two:
+            hello = {"type": "hello", "nick": "dana", "secret": secret}
+            await asyncio.gather(one.send(hello), two.send(hello))
+            codes = []
+            for p in (one, two):
+                try:
+                    await p.quiet(2.0)
+                    codes.append(None)
+                except ConnectionClosed as closed:
+                    codes.append(closed.rcvd.code if closed.rcvd else None)
+            assert sorted(codes, key=str) == [4001, None], codes
+            rows = await query(pg_url, "SELECT session FROM online WHERE nick_key = 'dana'")
+            assert len(rows) == 1
+
+
+async def test_a_killed_replicas_sessions_leave_everywhere(pg_url: str, replicas: Replicas) -> None:
+    a, b = replicas(pg_url, 2)
+    async with peer(b.url, "bob") as bob:
+        async with peer(a.url, "carol"):
+            await bob.expect("presence", event="join", nick="carol")
+            a.kill()
+            started = time.monotonic()
+            leave = await bob.expect("presence", timeout=REPLICA_TIMEOUT + 10, event="leave")
+            assert leave["nick"] == "carol"
+            # Within the timeout, plus a heartbeat or two.
+            assert time.monotonic() - started < REPLICA_TIMEOUT + 6
+        await bob.send({"type": "who", "ref": "w"})
+        assert (await bob.expect("members", ref="w"))["nicks"] == ["bob"]
+    assert await query(pg_url, "SELECT * FROM online WHERE nick = 'carol'") == []
+
+
+async def test_postgres_restart_unavailable_then_recovers(
+    private_postgres: Postgres, replicas: Replicas
+) -> None:
+    url = await fresh_database(private_postgres)
+    a, b = replicas(url, 2)
+    async with peer(a.url, "alice") as alice, peer(b.url, "bob") as bob:
+        await alice.say("before")
+        await asyncio.to_thread(private_postgres.stop)
+        cid = uuid.uuid4().hex
+        await alice.send({"type": "send", "cid": cid, "room": "lobby", "body": "during"})
+        error = await alice.expect("error", timeout=20)
+        assert error["code"] == "unavailable" and error["cid"] == cid
+        await until_healthz(a, 503)
+        await until_healthz(b, 503)
+        await asyncio.to_thread(private_postgres.start)
+        await until_healthz(a, 200, timeout=60)
+        await until_healthz(b, 200, timeout=60)
+        await bob.quiet(0.5)
+        ack = await alice.say("during", cid=cid)  # the client's resend
+        got = await messages(bob, 1)
+        assert [(m["id"], m["body"]) for m in got] == [(ack["id"], "during")]
+        back = await bob.say("after")
+        assert [m["id"] for m in await messages(alice, 1)] == [back["id"]]
+
+
+async def test_catch_up_waits_for_the_stream_and_shows_a_message_once(
+    pg_url: str, replicas: Replicas
+) -> None:
+    """A message visible to a catch-up query before its notification arrives: shown once."""
+    (other,) = replicas(pg_url, 1)
+    async with server(pg_url) as chat:
+        cluster = chat.cluster
+        assert isinstance(cluster, Cluster)
+        stalled = asyncio.Event()
+        deliver = cluster._on_batch
+
+        async def slow_stream(payload: str) -> None:
+            await stalled.wait()  # the notification is late on this replica
+            await deliver(payload)
+
+        cluster._on_batch = slow_stream
+        async with peer(other.url, "bob") as bob:
+            sent = await bob.say("committed before the join")
+        joining = asyncio.create_task(_hello(chat.port, "joe"))
+        await asyncio.sleep(0.5)
+        assert not joining.done(), "the catch-up ended before the stream reached its snapshot"
+        stalled.set()
+        frames = await joining
+    ids = [f["id"] for f in frames if f["type"] == "msg"]
+    ids += [m["id"] for f in frames if f["type"] == "history" for m in f["messages"]]
+    assert ids.count(sent["id"]) == 1, frames
+
+
+async def _hello(port: int, nick: str) -> list[dict[str, object]]:
+    """Hello on a replica; every frame up to ``synced`` and for a second after."""
+    async with peer(f"ws://127.0.0.1:{port}") as p:
+        await p.send({"type": "hello", "nick": nick})
+        frames = await p.until("synced", timeout=20)
+        return frames + await p.quiet(1.0)
