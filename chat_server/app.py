@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from chat_server.backends.postgres import PostgresStore
 from chat_server.cluster import Cluster
 from chat_server.config import ServerConfig
 from chat_server.fanout import Delivery, Hub
+from chat_server.forwarded import TrustedProxies
 from chat_server.messages import Committed, Draft
 from chat_server.session import Context, Session
 from chat_server.store import StoreUnavailable
@@ -53,6 +55,11 @@ class ChatServer:
         self._stopped = asyncio.Event()
         #: Open connections per remote IP address, for max_connections_per_ip.
         self.per_ip: Counter[str] = Counter()
+        #: Behind a reverse proxy: the client's address, from X-Forwarded-For.
+        self.proxies = TrustedProxies(config.trusted_proxies)
+        self._client_ips: weakref.WeakKeyDictionary[ServerConnection, str] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def port(self) -> int:
@@ -70,7 +77,7 @@ class ChatServer:
     # --- websockets hooks ------------------------------------------------------------
 
     async def handler(self, connection: ServerConnection) -> None:
-        ip = _ip(connection)
+        ip = self._client_ips.pop(connection, None) or _ip(connection)
         self.per_ip[ip] += 1
         try:
             await Session(self.ctx, connection).run()
@@ -84,7 +91,10 @@ class ChatServer:
     ) -> Response | None:
         if request.path != "/healthz":
             limit = self.config.max_connections_per_ip
-            ip = _ip(connection)
+            ip = await self.proxies.client_ip(
+                _ip(connection), request.headers.get_all("X-Forwarded-For")
+            )
+            self._client_ips[connection] = ip
             if limit and self.per_ip[ip] >= limit:
                 log.warning("refused %s: already %d connections from it", ip, self.per_ip[ip])
                 text = f"too many connections from {ip} (limit {limit})\n"

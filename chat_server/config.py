@@ -43,6 +43,9 @@ class ServerConfig:
     resume_cap: int = 1000
     #: Open connections allowed from one IP address (0: no limit); more get HTTP 429.
     max_connections_per_ip: int = 64
+    #: Reverse proxies whose X-Forwarded-For is believed: comma-separated addresses,
+    #: networks or host names (``haproxy``). Empty: the peer's address is the client's.
+    trusted_proxies: str = ""
     #: Seconds a new TCP connection has to finish the WebSocket handshake.
     handshake_timeout: float = 10.0
     #: Seconds a new connection has to send ``hello``.
@@ -72,6 +75,7 @@ _HELP = {
     "send_buffer_limit": "bytes of unsent frames before a slow client is dropped (1008)",
     "resume_cap": "most messages replayed on resume before a gap is reported",
     "max_connections_per_ip": "open connections from one IP address, 0 for no limit (429)",
+    "trusted_proxies": "proxies whose X-Forwarded-For gives the client address (names, CIDRs)",
     "handshake_timeout": "seconds for a new connection to finish the WebSocket handshake",
     "hello_timeout": "seconds a connection has to send hello",
     "ping_interval": "seconds between keepalive pings (0: none)",
