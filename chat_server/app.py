@@ -80,7 +80,7 @@ class ChatServer:
         ip = self._client_ips.pop(connection, None) or _ip(connection)
         self.per_ip[ip] += 1
         try:
-            await Session(self.ctx, connection).run()
+            await Session(self.ctx, connection, ip).run()
         finally:
             self.per_ip[ip] -= 1
             if self.per_ip[ip] <= 0:

@@ -6,8 +6,9 @@ to ``X-Forwarded-For``; the server believes that header only when the connection
 from a proxy it trusts (``CHAT_TRUSTED_PROXIES``), and then takes the right-most address
 in it that is not itself a trusted proxy — anything left of it could be forged by the
 client. Proxies are named by address, network (``10.0.0.0/8``) or host name
-(``haproxy``: resolved, and again at most every :data:`RESOLVE_EVERY` seconds, since a
-restarted container may get a new address).
+(``haproxy``: resolved, and again every :data:`RESOLVE_EVERY` seconds, or at most once a
+second when a peer sending ``X-Forwarded-For`` is not among them: a restarted proxy
+container may have a new address).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 RESOLVE_EVERY = 10.0
+RESOLVE_AT_MOST = 1.0
 
 
 def _address(text: str) -> Address | None:
@@ -61,8 +63,8 @@ class TrustedProxies:
     def __bool__(self) -> bool:
         return bool(self.networks or self.hosts)
 
-    async def _refresh(self) -> None:
-        if not self.hosts or time.monotonic() - self._resolved_at < RESOLVE_EVERY:
+    async def _refresh(self, every: float = RESOLVE_EVERY) -> None:
+        if not self.hosts or time.monotonic() - self._resolved_at < every:
             return
         self._resolved_at = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -90,9 +92,11 @@ class TrustedProxies:
         if address is None:
             return peer
         await self._refresh()
+        hops = [hop for header in forwarded_for for hop in header.split(",")]
+        if not self._trusted(address) and hops:
+            await self._refresh(RESOLVE_AT_MOST)  # the proxy may have a new address
         if not self._trusted(address):
             return peer
-        hops = [hop for header in forwarded_for for hop in header.split(",")]
         for hop in reversed(hops):
             found = _address(hop)
             if found is None:

@@ -70,6 +70,7 @@ class Context:
 class Session:
     # Slots: an idle connection's memory is mostly this object and the websocket's.
     __slots__ = (
+        "address",
         "bucket",
         "close_code",
         "closed_reason",
@@ -81,9 +82,11 @@ class Session:
         "strikes",
     )
 
-    def __init__(self, ctx: Context, connection: ServerConnection) -> None:
+    def __init__(self, ctx: Context, connection: ServerConnection, address: str = "") -> None:
         self.ctx = ctx
         self.connection = connection
+        #: The client's IP address (behind a trusted proxy: from X-Forwarded-For).
+        self.address = address
         self.nick = ""
         self.nick_key = ""
         self.hold: list[Held] | None = None
@@ -123,7 +126,10 @@ class Session:
     @property
     def remote(self) -> str:
         address = self.connection.remote_address
-        return f"{address[0]}:{address[1]}" if address else "?"
+        peer = f"{address[0]}:{address[1]}" if address else "?"
+        if address and self.address and self.address != str(address[0]):
+            return f"{self.address} via {peer}"
+        return peer
 
     # --- the connection's life -----------------------------------------------------------
 
@@ -287,7 +293,7 @@ class Session:
         if self.ctx.cluster is None:
             return True
         try:
-            await self.ctx.cluster.online(self, nick, nick_key(nick), rooms, self.remote)
+            await self.ctx.cluster.online(self, nick, nick_key(nick), rooms, self.address)
         except StoreUnavailable as exc:
             self.error(ErrorCode.UNAVAILABLE, f"the database is unavailable: {exc}", ref)
             return False

@@ -172,7 +172,7 @@ async def test_takeover_on_another_replica_closes_the_old_session_with_4001(
             with pytest.raises(ConnectionClosed) as closed:
                 await old.quiet(5)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4001
-            assert "replaced" in closed.value.rcvd.reason
+            assert closed.value.rcvd.reason == "replaced: this nick connected again from 127.0.0.1"
             # alice never left the lobby: carol sees no presence change at all.
             assert [f for f in await carol.quiet(1.0) if f["type"] == "presence"] == []
             await carol.send({"type": "who", "ref": "w"})

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from chat_server.forwarded import TrustedProxies
+from chat_server.forwarded import RESOLVE_AT_MOST, TrustedProxies
 from tests.helpers import server, url
 
 
@@ -53,3 +55,20 @@ async def test_untrusted_peer_cannot_pick_its_address(db: Path) -> None:
                 async with connect(url(chat), additional_headers=headers):
                     pass
             assert refused.value.response.status_code == 429
+
+
+async def test_a_restarted_proxy_with_a_new_address_is_trusted_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    answers = {"haproxy": "10.0.0.2"}
+
+    async def getaddrinfo(host: str, *_: object, **__: object) -> list[tuple[object, ...]]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answers[host], 0))]
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+    proxies = TrustedProxies("haproxy")
+    assert await proxies.client_ip("10.0.0.2", ["203.0.113.7"]) == "203.0.113.7"
+    answers["haproxy"] = "10.0.0.3"  # the proxy container was recreated
+    await asyncio.sleep(RESOLVE_AT_MOST + 0.1)
+    assert await proxies.client_ip("10.0.0.3", ["203.0.113.7"]) == "203.0.113.7"
+    assert await proxies.client_ip("10.0.0.2", ["203.0.113.7"]) == "10.0.0.2"
