@@ -193,6 +193,7 @@ def test_each_image_holds_only_its_side(
     stack: Stack, service: str, present: str, absent: str
 ) -> None:
     image = stack.image(service)
+
     def importable(module: str) -> bool:
         code = f"import importlib.util, sys; sys.exit(importlib.util.find_spec('{module}') is None)"
         done = subprocess.run(
