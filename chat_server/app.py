@@ -22,6 +22,7 @@ from websockets.http11 import Request, Response
 
 from chat_protocol import ErrorCode, encode
 from chat_protocol.limits import MAX_BODY_CHARS, MAX_FRAME_BYTES, MAX_ROOMS
+from chat_server import metrics
 from chat_server.backends import open_store, redacted
 from chat_server.backends.base import ChatStore
 from chat_server.backends.postgres import PostgresStore
@@ -79,9 +80,11 @@ class ChatServer:
     async def handler(self, connection: ServerConnection) -> None:
         ip = self._client_ips.pop(connection, None) or _ip(connection)
         self.per_ip[ip] += 1
+        metrics.CONNECTIONS.inc()
         try:
             await Session(self.ctx, connection, ip).run()
         finally:
+            metrics.CONNECTIONS.dec()
             self.per_ip[ip] -= 1
             if self.per_ip[ip] <= 0:
                 del self.per_ip[ip]
@@ -89,6 +92,14 @@ class ChatServer:
     async def process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
+        if request.path == "/metrics":
+            data, content_type = metrics.exposition()
+            response = connection.respond(HTTPStatus.OK, "")
+            for name, value in (("Content-Type", content_type), ("Content-Length", len(data))):
+                del response.headers[name]  # Headers is a multidict: replace, not add
+                response.headers[name] = str(value)
+            response.body = data
+            return response
         if request.path != "/healthz":
             limit = self.config.max_connections_per_ip
             ip = await self.proxies.client_ip(
@@ -118,17 +129,26 @@ class ChatServer:
         """Fan a committed batch out in id order, each sender's ack after its message."""
         hub = self.hub
         deliveries: list[Delivery] = []
+        fresh = delivered = acks = 0
         for result in results:
             message = result.message
+            fresh += result.fresh
             # In a cluster every replica delivers messages from the ordered stream
             # (chat_server.cluster), its own included; here only the acks.
             if result.fresh and self.cluster is None:
-                deliveries.append((hub.recipients(message), encode(message.frame()), message))
+                recipients = hub.recipients(message)
+                delivered += len(recipients)
+                deliveries.append((recipients, encode(message.frame()), message))
             origin = result.draft.origin
             if isinstance(origin, Session):
                 ack = {"type": "ack", "cid": message.cid, "id": message.id, "ts": message.ts}
                 deliveries.append(([origin], encode(ack), None))
+                acks += 1
         hub.publish_many(deliveries)
+        metrics.MESSAGES.inc(fresh)
+        metrics.ACKS.inc(acks)
+        metrics.DELIVERIES.inc(delivered)
+        metrics.BATCH_SIZE.observe(len(results))
 
     def failed(self, drafts: Sequence[Draft], error: Exception) -> None:
         for draft in drafts:

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 
 from chat_protocol import CloseCode, encode
 from chat_protocol.frames import Frame
+from chat_server import metrics
 from chat_server.backends.postgres import (
     MESSAGES_CHANNEL,
     PRESENCE_CHANNEL,
@@ -309,6 +310,7 @@ class Cluster:
                 await self._resync()
                 backoff = 0.25
                 self.healthy = True
+                metrics.STREAM_UP.set(1)
                 self._connected_at = time.monotonic()
                 self._ready.set()
                 log.info("notification stream connected at message id %s", self.position)
@@ -323,6 +325,7 @@ class Cluster:
                 log.warning("notification stream failed: %s", exc)
             finally:
                 self.healthy = False
+                metrics.STREAM_UP.set(0)
                 self._subscription = None
                 await subscription.close()
             await asyncio.sleep(backoff)
@@ -364,15 +367,21 @@ class Cluster:
         hub = self.hub
         deliveries: list[Delivery] = []
         position = self.position
+        delivered = 0
         for message in messages:
             if message.id <= position:  # already delivered (a resync overlaps the stream)
                 continue
-            deliveries.append((hub.recipients(message), encode(message.frame()), message))
+            recipients = hub.recipients(message)
+            delivered += len(recipients)
+            deliveries.append((recipients, encode(message.frame()), message))
             position = message.id
         if not deliveries:
             return
         hub.publish_many(deliveries)
         self.position = position
+        metrics.DELIVERIES.inc(delivered)
+        metrics.STREAM_POSITION.set(position)
+        metrics.FANOUT_LAG.observe(max(0.0, time.time() - messages[-1].ts / 1000))
         if self._waiters:
             waiting = []
             for target, future in self._waiters:

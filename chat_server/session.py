@@ -33,6 +33,7 @@ from chat_protocol.frames import (
 )
 from chat_protocol.limits import HISTORY_DEFAULT, MAX_ROOMS
 from chat_protocol.names import nick_key
+from chat_server import metrics
 from chat_server.config import ServerConfig
 from chat_server.fanout import Held, Hub, write_frames
 from chat_server.messages import Draft, StoredMessage, channel_of
@@ -111,6 +112,7 @@ class Session:
         self.ctx.hub.publish([self], encode(frame))
 
     def error(self, code: ErrorCode, message: str, ref: str | None = None, **extra: Any) -> None:
+        metrics.ERRORS.labels(code.value).inc()
         frame: Frame = {"type": "error", "code": code.value, "message": message}
         if ref is not None:
             frame["ref"] = ref
@@ -314,6 +316,7 @@ class Session:
             after, rooms, self.nick_key, self.ctx.config.resume_cap
         )
         if truncated:
+            metrics.RESUME_GAPS.inc()
             self.write({"type": "gap", "after": after, "before": messages[0].id})
         for message in messages:
             self.write(message.frame())

@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import aiosqlite
 
+from chat_server import metrics
 from chat_server.messages import Committed, Draft, StoredMessage, channel_of
 
 log = logging.getLogger(__name__)
@@ -345,6 +346,7 @@ class Store:
             rows.extend(_row(message))
         count = len(batch)
         marks = ", ".join([_ROW_MARKS] * count)
+        started = time.perf_counter()
         try:
             before = db.total_changes
             await db.execute(
@@ -357,6 +359,7 @@ class Store:
             if self._listener is not None:
                 self._listener.failed(drafts, StoreUnavailable(str(exc)))
             return
+        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         self._last_id = next_id
         self.batches += 1
         self.batched += len(results)

@@ -20,6 +20,7 @@ from chat_server.cluster import Cluster
 from tests.helpers import Peer, peer, server
 from tests.pg import Postgres, fresh_database, query
 from tests.procs import ServerProcess
+from tests.test_metrics import scrape
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -280,3 +281,17 @@ async def _hello(port: int, nick: str) -> list[dict[str, object]]:
         await p.send({"type": "hello", "nick": nick})
         frames = await p.until("synced", timeout=20)
         return frames + await p.quiet(1.0)
+
+
+async def test_replicas_report_the_stream_on_metrics(pg_url: str, replicas: Replicas) -> None:
+    a, b = replicas(pg_url, 2)
+    async with peer(a.url, "alice") as alice, peer(b.url, "bob") as bob:
+        await bob.quiet(0.3)
+        ack = await alice.say("measured")
+        assert [m["id"] for m in await messages(bob, 1)] == [ack["id"]]
+        seen = await asyncio.to_thread(scrape, b.port)
+    assert seen["chat_stream_up"] == 1
+    assert seen["chat_stream_position"] == ack["id"]
+    assert seen["chat_fanout_lag_seconds_count"] >= 1
+    assert seen["chat_deliveries_total"] == 1  # bob, on b; alice is on a
+    assert seen["chat_messages_total"] == 0  # committed by a's writer, not b's

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
+from chat_server import metrics
 from chat_server.messages import Committed, Draft, StoredMessage, channel_of
 from chat_server.store import CommitListener, NickClaim, StoreUnavailable
 
@@ -587,6 +588,7 @@ class PostgresStore:
                 existing = await self._existing(db, rows)
             return int(row[0]), int(row[1]), ids, existing
 
+        started = time.perf_counter()
         try:
             base, ts, ids, existing = await self._run(append)
         except StoreUnavailable as exc:
@@ -621,6 +623,7 @@ class PostgresStore:
             fresh = key in fresh_keys
             fresh_keys.discard(key)  # the same cid twice in a batch: fresh only once
             results.append(Committed(draft, stored[key], fresh))
+        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         if ids:
             self._last_id = max(self._last_id, max(ids))
         self.batches += 1
