@@ -1,0 +1,248 @@
+"""``python -m bench.cluster``: the cluster against the single SQLite server, in one run.
+
+Starts a PostgreSQL container (``$POSTGRES_IMAGE``, default ``postgres:17``), then for each
+setup — one server on SQLite, and 1, 2, 3 replicas on PostgreSQL — runs the same chat:
+``--clients`` clients in one room, spread round-robin over the replicas (what HAProxy's
+``leastconn`` does with equal loads), each sending ``--rate`` messages per second for
+``--seconds``. Every message carries its send time, so each client measures the delay
+to every delivery; deliveries to a client on another replica than the sender's are
+counted apart: they crossed PostgreSQL's LISTEN/NOTIFY stream.
+
+Prints, per setup: acknowledged messages/s, deliveries/s, p50/p99 delivery delay (all,
+and across replicas), and server CPU microseconds per delivery (all replicas together).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+from websockets.asyncio.client import ClientConnection, connect
+
+from bench.procstat import cpu_seconds
+
+LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
+
+
+@dataclass
+class Replica:
+    proc: subprocess.Popen[str]
+    port: int
+
+
+def start_replica(db: str, *args: str) -> Replica:
+    cmd = [sys.executable, "-m", "chat_server", "--port", "0", "--db", db]
+    cmd += ["--rate", "1000", "--burst", "1000", *args]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=os.environ)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if match := LISTENING.search(line):
+            # Drain the log so the server never blocks on a full pipe.
+            threading.Thread(target=_drain, args=(proc,), daemon=True).start()
+            return Replica(proc, int(match.group(1)))
+    raise RuntimeError(f"server did not start: {proc.wait()}")
+
+
+def _drain(proc: subprocess.Popen[str]) -> None:
+    assert proc.stderr is not None
+    for _ in proc.stderr:
+        pass
+
+
+@dataclass
+class Figures:
+    setup: str
+    acked_per_s: float = 0.0
+    deliveries_per_s: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    cross_p50_ms: float = 0.0
+    cross_p99_ms: float = 0.0
+    cpu_us_per_delivery: float = 0.0
+    delays: list[float] = field(default_factory=list, repr=False)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def chat(ports: list[int], clients: int, rate: float, seconds: float) -> Figures:
+    figures = Figures("")
+    cross: list[float] = []
+    acked = 0
+    stop = asyncio.Event()
+    where: dict[str, int] = {}
+
+    async def client(n: int) -> None:
+        nonlocal acked
+        port = ports[n % len(ports)]
+        nick = f"b{n}"
+        where[nick] = port
+        ws: ClientConnection
+        async with connect(f"ws://127.0.0.1:{port}", max_size=None) as ws:
+            await ws.send(json.dumps({"type": "hello", "nick": nick, "rooms": ["bench"]}))
+            while json.loads(await ws.recv())["type"] != "synced":
+                pass
+            synced.append(nick)
+            if len(synced) == clients:
+                everyone.set()
+            await ready.wait()
+
+            async def send() -> None:
+                count = 0
+                started = time.monotonic()
+                while not stop.is_set():
+                    count += 1
+                    frame = {"type": "send", "cid": f"{nick}-{count}", "room": "bench"}
+                    await ws.send(json.dumps({**frame, "body": str(time.time_ns())}))
+                    await asyncio.sleep(max(0.0, started + count / rate - time.monotonic()))
+
+            sender = asyncio.create_task(send())
+            try:
+                async for data in ws:
+                    frame = json.loads(data)
+                    if frame["type"] == "msg":
+                        delay = (time.time_ns() - int(frame["body"])) / 1e6
+                        figures.delays.append(delay)
+                        if where.get(frame["from"]) != port:
+                            cross.append(delay)
+                    elif frame["type"] == "ack":
+                        acked += 1
+                    if stop.is_set() and frame["type"] == "ack":
+                        break
+            finally:
+                sender.cancel()
+
+    ready, everyone = asyncio.Event(), asyncio.Event()
+    synced: list[str] = []
+    tasks = [asyncio.create_task(client(n)) for n in range(clients)]
+    await asyncio.wait_for(everyone.wait(), 60)
+    ready.set()
+    await asyncio.sleep(1.0)  # warm-up
+    figures.delays.clear()
+    cross.clear()
+    acked = 0
+    started = time.monotonic()
+    await asyncio.sleep(seconds)
+    elapsed = time.monotonic() - started
+    count, acks = len(figures.delays), acked
+    stop.set()
+    await asyncio.wait(tasks, timeout=10)
+    for task in tasks:
+        task.cancel()
+    figures.acked_per_s = acks / elapsed
+    figures.deliveries_per_s = count / elapsed
+    window = figures.delays[:count]
+    figures.p50_ms = statistics.median(window) if window else 0.0
+    figures.p99_ms = percentile(window, 0.99)
+    figures.cross_p50_ms = statistics.median(cross) if cross else 0.0
+    figures.cross_p99_ms = percentile(cross, 0.99)
+    return figures
+
+
+async def measure(setup: str, dbs: list[str], args: argparse.Namespace) -> Figures:
+    replicas = [start_replica(db) for db in dbs]
+    try:
+        before = sum(cpu_seconds(r.proc.pid) for r in replicas)
+        started = time.monotonic()
+        figures = await chat([r.port for r in replicas], args.clients, args.rate, args.seconds)
+        cpu = sum(cpu_seconds(r.proc.pid) for r in replicas) - before
+        total = figures.deliveries_per_s * (time.monotonic() - started)
+        figures.cpu_us_per_delivery = cpu / total * 1e6 if total else 0.0
+        figures.setup = setup
+        return figures
+    finally:
+        for r in replicas:
+            r.proc.terminate()
+            r.proc.wait(15)
+
+
+def docker(*args: str) -> str:
+    return subprocess.run(
+        ["docker", *args], check=True, capture_output=True, text=True, timeout=120
+    ).stdout
+
+
+async def database(port: int, password: str) -> str:
+    admin = f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            conn = await asyncpg.connect(admin, timeout=2)
+            break
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.3)
+    name = f"bench_{uuid.uuid4().hex[:8]}"
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return admin.rsplit("/", 1)[0] + "/" + name
+
+
+async def run(args: argparse.Namespace) -> list[Figures]:
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        results.append(await measure("sqlite, 1 server", [f"{tmp}/bench.db"], args))
+    password = uuid.uuid4().hex
+    name = f"chat-bench-pg-{uuid.uuid4().hex[:8]}"
+    docker(
+        "run", "-d", "--name", name, "-e", f"POSTGRES_PASSWORD={password}",
+        "-p", "127.0.0.1::5432", args.postgres_image,
+    )  # fmt: skip
+    try:
+        port = int(docker("port", name, "5432/tcp").strip().rsplit(":", 1)[1])
+        for count in args.replicas:
+            url = await database(port, password)
+            results.append(await measure(f"postgresql, {count} replicas", [url] * count, args))
+    finally:
+        docker("rm", "-f", "-v", name)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__)
+    parser.add_argument("--clients", type=int, default=30)
+    parser.add_argument("--rate", type=float, default=5.0, help="messages/s per client")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--replicas", type=lambda s: [int(n) for n in s.split(",")], default=[1, 2, 3]
+    )
+    parser.add_argument("--postgres-image", default=os.environ.get("POSTGRES_IMAGE", "postgres:17"))
+    args = parser.parse_args(argv)
+    results = asyncio.run(run(args))
+    header = (
+        f"{'setup':<26}{'acked/s':>9}{'deliv/s':>9}{'p50 ms':>8}{'p99 ms':>8}"
+        f"{'x-p50':>8}{'x-p99':>8}{'CPU us/deliv':>14}"
+    )
+    print(f"{args.clients} clients in one room, {args.rate:g} msg/s each, {args.seconds:g} s")
+    print(header)
+    base = results[0].cpu_us_per_delivery or 1.0
+    for f in results:
+        print(
+            f"{f.setup:<26}{f.acked_per_s:>9.0f}{f.deliveries_per_s:>9.0f}{f.p50_ms:>8.1f}"
+            f"{f.p99_ms:>8.1f}{f.cross_p50_ms:>8.1f}{f.cross_p99_ms:>8.1f}"
+            f"{f.cpu_us_per_delivery:>9.1f} ({f.cpu_us_per_delivery / base:.2f}x)"
+        )
+
+
+if __name__ == "__main__":
+    main()
