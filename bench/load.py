@@ -28,6 +28,15 @@ from websockets.exceptions import ConnectionClosed
 from bench.procstat import CpuWindow, rss_bytes
 
 MARK = re.compile(r"b\|(\d+)\|(\d+)\|(\d+)\|")
+#: The server's per-address limits (flags), all set to 0 (no limit) for the benchmark.
+PER_ADDRESS_LIMITS = (
+    "max-connections-per-ip",
+    "address-rate",
+    "catchup-rate",
+    "rooms-per-hour",
+    "nicks-per-hour",
+    "http-rate",
+)
 SERVER_CPU = 0
 GENERATOR_CPU = 1
 
@@ -98,8 +107,8 @@ class Target:
                 "100000",
                 "--send-buffer-limit",
                 str(16 * 1024 * 1024),
-                "--max-connections-per-ip",
-                "0",  # every benchmark client comes from 127.0.0.1
+                # Every benchmark client comes from 127.0.0.1: no per-address limits.
+                *(f"--{limit}=0" for limit in PER_ADDRESS_LIMITS),
                 "--log-level",
                 "WARNING",
                 *extra,

@@ -242,13 +242,13 @@ class ChatModel:
         name = "#" + str(frame.get("room"))
         window = self.window(name)
         nick, event = str(frame.get("nick")), frame.get("event")
+        nicks = [str(n) for n in frame.get("nicks") or [nick]]  # a coalesced run of nicks
         if event == "join":
-            if nick not in window.members:
-                window.members.append(nick)
-            self.notice(f"{nick} joined", name)
+            window.members += [n for n in nicks if n not in window.members]
+            self.notice(f"{', '.join(nicks)} joined", name)
         elif event == "leave":
-            window.members = [m for m in window.members if m != nick]
-            self.notice(f"{nick} left", name)
+            window.members = [m for m in window.members if m not in nicks]
+            self.notice(f"{', '.join(nicks)} left", name)
         elif event == "rename":
             old = str(frame.get("old"))
             window.members = [nick if m == old else m for m in window.members]

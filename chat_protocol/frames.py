@@ -18,9 +18,11 @@ from chat_protocol.limits import (
     MAX_BODY_CHARS,
     MAX_REF_CHARS,
     MAX_ROOMS,
-    MAX_SECRET_CHARS,
+    ROOMS_PAGE_DEFAULT,
+    ROOMS_PAGE_MAX,
+    WHITE_SPACE,
 )
-from chat_protocol.names import is_valid_cid, is_valid_nick, normalize_room
+from chat_protocol.names import is_valid_cid, is_valid_nick, is_valid_secret, normalize_room
 
 Frame = dict[str, Any]
 
@@ -40,11 +42,27 @@ def decode(data: str | bytes) -> Frame:
         frame = json.loads(data)
     except ValueError as exc:
         raise ProtocolError(ErrorCode.BAD_JSON, f"not valid JSON: {exc}") from None
+    except RecursionError:  # about a thousand nested arrays or objects
+        raise ProtocolError(ErrorCode.BAD_JSON, "not valid JSON: nested too deeply") from None
     if not isinstance(frame, dict):
         raise ProtocolError(ErrorCode.BAD_FRAME, "a frame must be a JSON object")
     if not isinstance(frame.get("type"), str):
         raise ProtocolError(ErrorCode.BAD_FRAME, "field 'type' must be a string")
     return frame
+
+
+def is_body_blank(body: str) -> bool:
+    """True when every character is Unicode White_Space (an empty body counts)."""
+    return all(char in WHITE_SPACE for char in body)
+
+
+def encodable(text: str) -> bool:
+    """False for a string holding a lone surrogate (valid JSON, not valid UTF-8)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --- client frames ---------------------------------------------------------------------
@@ -57,6 +75,7 @@ class Hello:
     rooms: tuple[str, ...]
     resume: int | None
     history: int
+    takeover: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,44 +101,55 @@ class Leave:
 class Nick:
     nick: str
     secret: str | None
+    takeover: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class Who:
     room: str | None
+    after: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Rooms:
-    pass
+    after: str | None = None
+    limit: int = ROOMS_PAGE_DEFAULT
 
 
 @dataclass(frozen=True, slots=True)
 class History:
+    """Exactly one of ``room``, ``with_nick`` and ``direct`` says what to page through."""
+
     room: str | None
     with_nick: str | None
     before: int | None
     limit: int
+    direct: bool = False
 
 
 ClientFrame = Hello | Send | Join | Leave | Nick | Who | Rooms | History
 
 
 def ref_of(frame: Frame) -> str | None:
-    """The client's optional correlation string, echoed in replies and errors."""
+    """The client's optional correlation string, echoed in replies and errors.
+
+    Raises ``bad_frame`` for a ``ref`` that is present but not 1-64 code points of
+    encodable text: such a frame is refused as a whole.
+    """
     ref = frame.get("ref")
-    if isinstance(ref, str) and 0 < len(ref) <= MAX_REF_CHARS and _encodable(ref):
+    if ref is None:
+        return None
+    if isinstance(ref, str) and 0 < len(ref) <= MAX_REF_CHARS and encodable(ref):
         return ref
+    raise ProtocolError(ErrorCode.BAD_FRAME, f"field 'ref' must be a string of 1-{MAX_REF_CHARS}")
+
+
+def cid_of(frame: Frame) -> str | None:
+    """The ``cid`` of a ``send`` frame when it is valid, so errors about it can carry it."""
+    cid = frame.get("cid")
+    if frame.get("type") == "send" and isinstance(cid, str) and is_valid_cid(cid):
+        return cid
     return None
-
-
-def _encodable(text: str) -> bool:
-    """False for a string holding a lone surrogate (valid JSON, not valid UTF-8)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def parse_client_frame(frame: Frame) -> ClientFrame:
@@ -167,9 +197,14 @@ def _room(value: str) -> str:
 
 def _secret(frame: Frame) -> str | None:
     secret: str | None = _field(frame, "secret", str, required=False)
-    if secret is not None and not 0 < len(secret) <= MAX_SECRET_CHARS:
-        raise ProtocolError(ErrorCode.BAD_FRAME, "field 'secret' must be 1-128 characters")
+    if secret is not None and not is_valid_secret(secret):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "field 'secret' must be 1-128 of A-Z a-z 0-9 _ -")
     return secret
+
+
+def _takeover(frame: Frame) -> bool:
+    value: bool | None = _field(frame, "takeover", bool, required=False)
+    return True if value is None else value
 
 
 def _id(frame: Frame, name: str) -> int | None:
@@ -179,12 +214,12 @@ def _id(frame: Frame, name: str) -> int | None:
     return value
 
 
-def _limit(frame: Frame, name: str, low: int) -> int:
+def _count(frame: Frame, name: str, low: int, high: int, default: int) -> int:
     value: int | None = _field(frame, name, int, required=False)
     if value is None:
-        return HISTORY_DEFAULT
-    if not low <= value <= HISTORY_MAX:
-        raise ProtocolError(ErrorCode.BAD_FRAME, f"field {name!r} must be {low}-{HISTORY_MAX}")
+        return default
+    if not low <= value <= high:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"field {name!r} must be {low}-{high}")
     return value
 
 
@@ -203,7 +238,8 @@ def _hello(frame: Frame) -> Hello:
         secret=_secret(frame),
         rooms=rooms,
         resume=_id(frame, "resume"),
-        history=_limit(frame, "history", 0),
+        history=_count(frame, "history", 0, HISTORY_MAX, HISTORY_DEFAULT),
+        takeover=_takeover(frame),
     )
 
 
@@ -212,11 +248,11 @@ def _send(frame: Frame) -> Send:
     if not is_valid_cid(cid):
         raise ProtocolError(ErrorCode.CID_INVALID, "field 'cid' must be 1-64 of A-Z a-z 0-9 _ -")
     body: str = _field(frame, "body", str)
-    if not body.strip():
-        raise ProtocolError(ErrorCode.BODY_INVALID, "the body is empty")
     if len(body) > MAX_BODY_CHARS:
         raise ProtocolError(ErrorCode.BODY_INVALID, f"the body is over {MAX_BODY_CHARS} characters")
-    if not _encodable(body):
+    if is_body_blank(body):
+        raise ProtocolError(ErrorCode.BODY_INVALID, "the body is empty or only white space")
+    if not encodable(body):
         raise ProtocolError(ErrorCode.BODY_INVALID, "the body has a lone surrogate")
     room_field: str | None = _field(frame, "room", str, required=False)
     to: str | None = None
@@ -238,28 +274,37 @@ def _leave(frame: Frame) -> Leave:
 
 
 def _nick_frame(frame: Frame) -> Nick:
-    return Nick(nick=_nick(frame, "nick"), secret=_secret(frame))
+    return Nick(nick=_nick(frame, "nick"), secret=_secret(frame), takeover=_takeover(frame))
 
 
 def _who(frame: Frame) -> Who:
     room: str | None = _field(frame, "room", str, required=False)
-    return Who(room=_room(room) if room is not None else None)
+    after = _nick(frame, "after") if frame.get("after") is not None else None
+    return Who(room=_room(room) if room is not None else None, after=after)
 
 
 def _rooms(frame: Frame) -> Rooms:
-    return Rooms()
+    after: str | None = _field(frame, "after", str, required=False)
+    return Rooms(
+        after=_room(after) if after is not None else None,
+        limit=_count(frame, "limit", 1, ROOMS_PAGE_MAX, ROOMS_PAGE_DEFAULT),
+    )
 
 
 def _history(frame: Frame) -> History:
     room: str | None = _field(frame, "room", str, required=False)
     with_nick = _nick(frame, "with") if frame.get("with") is not None else None
-    if (room is None) == (with_nick is None):
-        raise ProtocolError(ErrorCode.BAD_FRAME, "give exactly one of 'room' and 'with'")
+    direct = _field(frame, "direct", bool, required=False) or False
+    if (room is not None) + (with_nick is not None) + direct != 1:
+        raise ProtocolError(
+            ErrorCode.BAD_FRAME, "give exactly one of 'room', 'with' and 'direct': true"
+        )
     return History(
         room=_room(room) if room is not None else None,
         with_nick=with_nick,
         before=_id(frame, "before"),
-        limit=_limit(frame, "limit", 1),
+        limit=_count(frame, "limit", 1, HISTORY_MAX, HISTORY_DEFAULT),
+        direct=direct,
     )
 
 

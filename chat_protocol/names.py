@@ -1,4 +1,4 @@
-"""Rules for nicks, rooms and client message ids.
+"""Rules for nicks, rooms, secrets and client message ids.
 
 Nicks and rooms are ASCII on purpose: look-alike letters from other scripts would let
 one user pass for another, which unique nicks exist to prevent.
@@ -6,11 +6,12 @@ one user pass for another, which unique nicks exist to prevent.
 
 import re
 
-from chat_protocol.limits import MAX_CID_CHARS, MAX_NICK_CHARS, MAX_ROOM_CHARS
+from chat_protocol.limits import MAX_CID_CHARS, MAX_NICK_CHARS, MAX_ROOM_CHARS, MAX_SECRET_CHARS
 
 NICK_RE = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_-]{{0,{MAX_NICK_CHARS - 1}}}")
 ROOM_RE = re.compile(rf"[a-z0-9_][a-z0-9_-]{{0,{MAX_ROOM_CHARS - 1}}}")
 CID_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_CID_CHARS}}}")
+SECRET_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_SECRET_CHARS}}}")
 
 
 def is_valid_nick(nick: str) -> bool:
@@ -31,3 +32,7 @@ def normalize_room(room: str) -> str | None:
 
 def is_valid_cid(cid: str) -> bool:
     return CID_RE.fullmatch(cid) is not None
+
+
+def is_valid_secret(secret: str) -> bool:
+    return SECRET_RE.fullmatch(secret) is not None

@@ -1,17 +1,16 @@
-"""The server: wires the store, the hub and sessions to a websockets server.
+"""The server: wires the store, the hub, presence, quotas and sessions to a websockets server.
 
 Shape after the websockets examples: one handler per connection, ``/healthz`` answered in
-``process_request`` on the same port, and a shutdown that closes the listening socket,
-closes every client with 1001, waits for the handlers, then lets the writer commit what
-is queued before the database is closed.
+``process_request`` on the same port. Shutdown closes the listening socket, drops
+connections that never finished their handshake, closes every client with 1001, waits
+at most ``shutdown_timeout`` for the closing handshakes and then drops what is left, and
+lets the writer commit what is queued before the database is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
-from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -19,48 +18,46 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
-from chat_protocol import ErrorCode, encode
-from chat_protocol.limits import MAX_BODY_CHARS, MAX_FRAME_BYTES, MAX_ROOMS
-from chat_server import metrics
-from chat_server.backends import open_store, redacted
-from chat_server.backends.base import ChatStore
-from chat_server.backends.postgres import PostgresStore
-from chat_server.cluster import Cluster
+from chat_protocol import encode
+from chat_protocol.limits import MAX_BODY_CHARS, MAX_FRAME_BYTES, MAX_ROOMS, MEMBERS_MAX
 from chat_server.config import ServerConfig
-from chat_server.fanout import Delivery, Hub
-from chat_server.forwarded import TrustedProxies
+from chat_server.fanout import Hub, Member
+from chat_server.link import WebSocketLink
 from chat_server.messages import Committed, Draft
-from chat_server.session import Context, Session
-from chat_server.store import StoreUnavailable
+from chat_server.presence import Presence
+from chat_server.ratelimit import Limit, Quotas, Rule
+from chat_server.session import Context, Session, Slot
+from chat_server.store import Store, StoreFailed, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 #: How long /healthz waits for its probe write before it answers 503.
 HEALTH_TIMEOUT = 3.0
+#: How long a /healthz answer is reused: a flood of checks costs one write per second.
+HEALTH_CACHE = 1.0
 
 
 class ChatServer:
     """The running server; also the store's commit listener."""
 
-    def __init__(self, config: ServerConfig, store: ChatStore) -> None:
+    def __init__(self, config: ServerConfig, store: Store) -> None:
         self.config = config
         self.store = store
         self.hub = Hub(config.send_buffer_limit)
-        #: Set when the store is shared by several replicas (PostgreSQL).
-        self.cluster: Cluster | None = None
-        if isinstance(store, PostgresStore):
-            self.cluster = Cluster(store, self.hub, timeout=config.replica_timeout)
-        self.ctx = Context(config, store, self.hub, _announced_limits(config), cluster=self.cluster)
+        self.quotas = Quotas(_rules(config), max_connections=config.max_connections_per_ip)
+        self.ctx = Context(
+            config, store, self.hub, Presence(self.hub), self.quotas, _announced_limits(config)
+        )
         self.server: Server | None = None
         self._stopped = asyncio.Event()
-        #: Open connections per remote IP address, for max_connections_per_ip.
-        self.per_ip: Counter[str] = Counter()
-        #: Behind a reverse proxy: the client's address, from X-Forwarded-For.
-        self.proxies = TrustedProxies(config.trusted_proxies)
-        self._client_ips: weakref.WeakKeyDictionary[ServerConnection, str] = (
-            weakref.WeakKeyDictionary()
-        )
+        #: Every TCP connection, handshake done or not, so a shutdown can drop them.
+        self.connections: set[ServerConnection] = set()
+        #: Background closes started by sessions (kicks).
+        self.closing: set[asyncio.Task[None]] = set()
+        self._health: tuple[float, str | None] | None = None  # (when, error or None)
+        self._health_probe: asyncio.Task[str | None] | None = None
 
     @property
     def port(self) -> int:
@@ -78,86 +75,140 @@ class ChatServer:
     # --- websockets hooks ------------------------------------------------------------
 
     async def handler(self, connection: ServerConnection) -> None:
-        ip = self._client_ips.pop(connection, None) or _ip(connection)
-        self.per_ip[ip] += 1
-        metrics.CONNECTIONS.inc()
-        try:
-            await Session(self.ctx, connection, ip).run()
-        finally:
-            metrics.CONNECTIONS.dec()
-            self.per_ip[ip] -= 1
-            if self.per_ip[ip] <= 0:
-                del self.per_ip[ip]
+        link = WebSocketLink(connection, self.closing)
+        await link.serve(Session(self.ctx, link))
 
     async def process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
-        if request.path == "/metrics":
-            data, content_type = metrics.exposition()
-            response = connection.respond(HTTPStatus.OK, "")
-            for name, value in (("Content-Type", content_type), ("Content-Length", len(data))):
-                del response.headers[name]  # Headers is a multidict: replace, not add
-                response.headers[name] = str(value)
-            response.body = data
-            return response
-        if request.path != "/healthz":
-            limit = self.config.max_connections_per_ip
-            ip = await self.proxies.client_ip(
-                _ip(connection), request.headers.get_all("X-Forwarded-For")
+        ip = _ip(connection)
+        wait = await self.quotas.take(Limit.ADDRESS_HTTP, ip)
+        if wait:
+            response = connection.respond(
+                HTTPStatus.TOO_MANY_REQUESTS, f"too many requests from {ip}; slow down\n"
             )
-            self._client_ips[connection] = ip
-            if limit and self.per_ip[ip] >= limit:
-                log.warning("refused %s: already %d connections from it", ip, self.per_ip[ip])
-                text = f"too many connections from {ip} (limit {limit})\n"
-                return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, text)
-            return None
+            response.headers["Retry-After"] = str(max(1, round(wait)))
+            return response
+        if request.path == "/healthz":
+            error = await self.health()
+            if error is not None:
+                text = f"database not writable: {error}\n"
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, text)
+            return connection.respond(HTTPStatus.OK, "OK\n")
+        if not self.quotas.open(ip):
+            limit = self.config.max_connections_per_ip
+            log.warning("refused %s: already %d connections from it", ip, limit)
+            text = f"too many connections from {ip} (limit {limit})\n"
+            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, text)
+        if isinstance(connection, TrackedConnection):
+            connection.counted_ip = ip
+        return None
+
+    def connection_lost(self, connection: TrackedConnection) -> None:
+        self.connections.discard(connection)
+        if connection.counted_ip is not None:
+            self.quotas.close(connection.counted_ip)
+            connection.counted_ip = None
+
+    async def health(self) -> str | None:
+        """None while the database commits a probe write, else why not; cached a second."""
+        loop = asyncio.get_running_loop()
+        if self._health is not None and loop.time() - self._health[0] < HEALTH_CACHE:
+            return self._health[1]
+        if self._health_probe is None:
+            self._health_probe = asyncio.create_task(self._probe())
+        return await asyncio.shield(self._health_probe)
+
+    async def _probe(self) -> str | None:
+        error: str | None = None
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT):
                 await self.store.probe()
-        except (StoreUnavailable, TimeoutError) as exc:
-            detail = self.store.last_error or type(exc).__name__
-            text = f"database not writable: {detail}\n"
-            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, text)
-        if self.cluster is not None and not self.cluster.healthy:
-            text = "the live message stream (LISTEN) is not connected\n"
-            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, text)
-        return connection.respond(HTTPStatus.OK, "OK\n")
+        except (StoreUnavailable, StoreFailed, TimeoutError) as exc:
+            error = self.store.last_error or str(exc) or type(exc).__name__
+        self._health = (asyncio.get_running_loop().time(), error)
+        self._health_probe = None
+        return error
 
     # --- CommitListener ----------------------------------------------------------------
 
     def committed(self, results: Sequence[Committed]) -> None:
-        """Fan a committed batch out in id order, each sender's ack after its message."""
+        """Fan a committed batch out in id order, then each sender's answers in order."""
         hub = self.hub
-        deliveries: list[Delivery] = []
-        fresh = delivered = acks = 0
+        rooms = {r.message.room for r in results if r.fresh and r.message.room is not None}
+        deliveries = self.ctx.presence.before_messages(rooms)
+        answered: dict[Session, None] = {}
         for result in results:
             message = result.message
-            fresh += result.fresh
-            # In a cluster every replica delivers messages from the ordered stream
-            # (chat_server.cluster), its own included; here only the acks.
-            if result.fresh and self.cluster is None:
-                recipients = hub.recipients(message)
-                delivered += len(recipients)
+            if result.fresh:
+                recipients: list[Member]
+                if message.room is not None:
+                    recipients = list(hub.room_members(message.room))
+                else:
+                    recipients = [
+                        member
+                        for key in dict.fromkeys((message.sender_key, message.recipient_key))
+                        if key is not None and (member := hub.online.get(key)) is not None
+                    ]
                 deliveries.append((recipients, encode(message.frame()), message))
-            origin = result.draft.origin
-            if isinstance(origin, Session):
-                ack = {"type": "ack", "cid": message.cid, "id": message.id, "ts": message.ts}
-                deliveries.append(([origin], encode(ack), None))
-                acks += 1
+            slot = result.draft.origin
+            if isinstance(slot, Slot):
+                slot.owner.acked(slot, message)
+                answered[slot.owner] = None
+        for session in answered:
+            deliveries.extend(([session], data, None) for data in session.ready())
         hub.publish_many(deliveries)
-        metrics.MESSAGES.inc(fresh)
-        metrics.ACKS.inc(acks)
-        metrics.DELIVERIES.inc(delivered)
-        metrics.BATCH_SIZE.observe(len(results))
 
     def failed(self, drafts: Sequence[Draft], error: Exception) -> None:
         for draft in drafts:
-            if isinstance(draft.origin, Session):
-                draft.origin.error(
-                    ErrorCode.UNAVAILABLE,
-                    f"not stored, send it again later: {error}",
-                    cid=draft.cid,
-                )
+            slot = draft.origin
+            if isinstance(slot, Slot):
+                slot.owner.refused(slot, error)
+
+    # --- shutdown ------------------------------------------------------------------------
+
+    async def shut_down(self, server: Server) -> None:
+        """Close every connection with 1001 within ``shutdown_timeout``, dropping the rest."""
+        server.close()
+        for connection in list(self.connections):
+            if connection.protocol.state is State.CONNECTING:  # no handshake: nothing to say
+                connection.transport.abort()
+        try:
+            async with asyncio.timeout(self.config.shutdown_timeout):
+                await server.wait_closed()
+                if self.closing:
+                    await asyncio.gather(*self.closing, return_exceptions=True)
+        except TimeoutError:
+            log.warning(
+                "dropping %d connections still closing after %.1f s",
+                len(self.connections),
+                self.config.shutdown_timeout,
+            )
+            for connection in list(self.connections):
+                connection.transport.abort()
+            await server.wait_closed()
+            for task in self.closing:
+                task.cancel()
+
+
+class TrackedConnection(ServerConnection):
+    """A connection that tells its server when it is made and when it is lost."""
+
+    chat: ChatServer  # set on a subclass per server, see _tracked()
+    #: The address whose connection limit counts this connection, once it is counted.
+    counted_ip: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.chat.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.chat.connection_lost(self)
+        super().connection_lost(exc)
+
+
+def _tracked(chat: ChatServer) -> type[TrackedConnection]:
+    return type("TrackedConnection", (TrackedConnection,), {"chat": chat})
 
 
 def _ip(connection: ServerConnection) -> str:
@@ -165,14 +216,37 @@ def _ip(connection: ServerConnection) -> str:
     return str(address[0]) if address else "?"
 
 
+def _rules(config: ServerConfig) -> dict[Limit, Rule]:
+    hour = 3600.0
+    return {
+        Limit.NICK_MESSAGES: Rule(config.rate, config.burst),
+        Limit.ADDRESS_MESSAGES: Rule(config.address_rate, config.address_burst),
+        Limit.ADDRESS_CATCHUP: Rule(config.catchup_rate, config.catchup_burst),
+        Limit.ADDRESS_ROOMS: Rule(config.rooms_per_hour / hour, config.rooms_per_hour),
+        Limit.ADDRESS_NICKS: Rule(config.nicks_per_hour / hour, config.nicks_per_hour),
+        Limit.ADDRESS_HTTP: Rule(config.http_rate, config.http_burst),
+    }
+
+
 def _announced_limits(config: ServerConfig) -> dict[str, Any]:
     return {
         "max_frame_bytes": MAX_FRAME_BYTES,
         "max_body_chars": MAX_BODY_CHARS,
         "max_rooms": MAX_ROOMS,
+        "members_max": MEMBERS_MAX,
         "rate": config.rate,
         "burst": config.burst,
+        "address_rate": config.address_rate,
+        "address_burst": config.address_burst,
+        "catchup_rate": config.catchup_rate,
+        "catchup_burst": config.catchup_burst,
+        "rooms_per_hour": config.rooms_per_hour,
+        "nicks_per_hour": config.nicks_per_hour,
+        "nick_claim_ttl": config.nick_claim_ttl,
+        "history_bytes": config.history_bytes,
+        "catchup_bytes": config.catchup_bytes,
         "resume_cap": config.resume_cap,
+        "resume_bytes": config.resume_bytes,
         "send_buffer_limit": config.send_buffer_limit,
         "ping_interval": config.ping_interval,
         "ping_timeout": config.ping_timeout,
@@ -182,13 +256,17 @@ def _announced_limits(config: ServerConfig) -> dict[str, Any]:
 @asynccontextmanager
 async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
     """Open the database and serve; on exit shut down gracefully in the documented order."""
-    store = await open_store(config)
+    store = await Store.open(
+        config.db,
+        synchronous=config.synchronous,
+        batch_max=config.batch_max,
+        queue_max=config.queue_max,
+        batch_wait=config.batch_wait_ms / 1000,
+    )
     chat = ChatServer(config, store)
     store.start(chat)
     try:
-        if chat.cluster is not None:
-            await chat.cluster.start()
-        async with serve(
+        server = await serve(
             chat.handler,
             config.host,
             config.port,
@@ -199,26 +277,23 @@ async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
             ping_timeout=config.ping_timeout or None,
             close_timeout=config.close_timeout,
             open_timeout=config.handshake_timeout,
-        ) as server:
-            chat.server = server
-            log.info(
-                "listening on %s:%d, database %s (last id %d)",
-                config.host,
-                chat.port,
-                redacted(str(config.db)),
-                store.last_id,
-            )
-            try:
-                yield chat
-            finally:
-                log.info("shutting down: closing connections with 1001")
-                server.close()
-                await server.wait_closed()
-                if chat.ctx.closing:
-                    await asyncio.gather(*chat.ctx.closing, return_exceptions=True)
+            create_connection=_tracked(chat),
+        )
+        chat.server = server
+        log.info(
+            "listening on %s:%d, database %s (last id %d, epoch %s)",
+            config.host,
+            chat.port,
+            config.db,
+            store.last_id,
+            store.epoch,
+        )
+        try:
+            yield chat
+        finally:
+            log.info("shutting down: closing connections with 1001")
+            await chat.shut_down(server)
     finally:
-        if chat.cluster is not None:
-            await chat.cluster.stop()
         await store.close()
         log.info(
             "database closed; last id %d; %d messages in %d group commits",

@@ -1,15 +1,17 @@
 """Fan-out: who is online, who is in which room, and writing one frame to many of them.
 
-A frame is encoded once and written to every recipient's socket synchronously with
-``websockets.broadcast``: no task per recipient and no await, so a message reaches all
-members of a room in the same event-loop step, in id order. Because broadcast has no
-backpressure, the hub checks each recipient's outgoing buffer after writing and drops a
-member whose buffer passed ``buffer_limit`` bytes: a stuck reader costs a bounded amount of
-memory and never delays anybody else.
+A frame is encoded once and written to every recipient's link synchronously: no task per
+recipient and no await, so a message reaches all members of a room in the same
+event-loop step, in id order. Because such writes have no backpressure, the hub checks
+each recipient's outgoing buffer after writing and drops a member whose buffer passed
+``buffer_limit`` bytes: a stuck reader costs a bounded amount of memory and never delays
+anybody else.
 
-A member may be *holding*: while its session reads history or a replay from the store,
-frames for it are kept in order in ``member.hold`` and written after the catch-up, so
-nothing falls between the stored past and the live stream.
+A member may be *holding*: while its session sends a catch-up (history or a replay) from
+the store, live frames for it are kept in order in ``member.hold`` and written after the
+catch-up, so nothing falls between the stored past and the live stream. The catch-up
+itself is paced by the client's reading and is not counted against the limit; the hold
+is.
 """
 
 from __future__ import annotations
@@ -18,10 +20,8 @@ import logging
 from collections.abc import Iterable
 from typing import Protocol
 
-from websockets.asyncio.server import ServerConnection
-from websockets.protocol import State
-
 from chat_protocol import CloseCode
+from chat_server.link import Link
 from chat_server.messages import StoredMessage
 
 log = logging.getLogger(__name__)
@@ -33,23 +33,15 @@ Delivery = tuple[Iterable["Member"], bytes, StoredMessage | None]
 
 
 class Member(Protocol):
-    connection: ServerConnection
+    link: Link
     nick: str
     nick_key: str
     hold: list[Held] | None
+    #: The rooms this member is in, kept by the hub.
+    rooms: list[str]
 
     def kick(self, code: int, reason: str) -> None:
-        """Close the member's connection in the background."""
-
-
-class RemoteView(Protocol):
-    """Who is online on the *other* replicas of a cluster (``chat_server.cluster``)."""
-
-    def nicks(self, room: str | None) -> list[str]:
-        """Nicks in ``room`` elsewhere; with None, every nick online elsewhere."""
-
-    def counts(self) -> dict[str, int]:
-        """Members per room elsewhere."""
+        """Close the member's connection in the background and take it out of the hub."""
 
 
 class Hub:
@@ -57,8 +49,6 @@ class Hub:
         self.buffer_limit = buffer_limit
         self.online: dict[str, Member] = {}
         self.rooms: dict[str, dict[str, Member]] = {}
-        #: In a cluster: the other replicas' members, so that who/rooms/joined see them.
-        self.remote: RemoteView | None = None
 
     # --- membership ------------------------------------------------------------------
 
@@ -66,16 +56,22 @@ class Hub:
         self.online[member.nick_key] = member
 
     def remove(self, member: Member) -> list[str]:
-        """Forget a member everywhere; returns the rooms it was in."""
+        """Forget a member everywhere, silently; returns the rooms it was in."""
         if self.online.get(member.nick_key) is member:
             del self.online[member.nick_key]
-        left = self.rooms_of(member)
+        left = list(member.rooms)
         for room in left:
             self.leave(member, room)
         return left
 
-    def join(self, member: Member, room: str) -> None:
-        self.rooms.setdefault(room, {})[member.nick_key] = member
+    def join(self, member: Member, room: str) -> bool:
+        """Put a member in a room; False if it was in it already."""
+        members = self.rooms.setdefault(room, {})
+        if members.get(member.nick_key) is member:
+            return False
+        members[member.nick_key] = member
+        member.rooms.append(room)
+        return True
 
     def is_member(self, member: Member, room: str) -> bool:
         return self.rooms.get(room, {}).get(member.nick_key) is member
@@ -86,35 +82,31 @@ class Hub:
             del members[member.nick_key]
             if not members:
                 del self.rooms[room]
+        if room in member.rooms:
+            member.rooms.remove(room)
 
-    def members(self, room: str) -> list[str]:
-        return _merged((m.nick for m in self.rooms.get(room, {}).values()), self.remote, room)
+    def members(self, room: str | None) -> list[str]:
+        """A room's nicks (everybody online if ``room`` is None), case-insensitive order."""
+        pool = self.online if room is None else self.rooms.get(room, {})
+        return sorted((m.nick for m in pool.values()), key=str.lower)
 
-    def online_nicks(self) -> list[str]:
-        """Everybody online (cluster-wide in a cluster), sorted."""
-        return _merged((m.nick for m in self.online.values()), self.remote, None)
+    def member_page(
+        self, room: str | None, after: str | None, limit: int
+    ) -> tuple[list[str], bool]:
+        """:meth:`members` after the nick ``after``: at most ``limit``, and whether more follow."""
+        nicks = self.members(room)
+        if after is not None:
+            low = after.lower()
+            nicks = [nick for nick in nicks if nick.lower() > low]
+        return nicks[:limit], len(nicks) > limit
 
-    def member_counts(self) -> dict[str, int]:
-        counts = {room: len(members) for room, members in self.rooms.items()}
-        if self.remote is not None:
-            for room, count in self.remote.counts().items():
-                counts[room] = counts.get(room, 0) + count
-        return counts
-
-    def rooms_of(self, member: Member) -> list[str]:
-        return [room for room in self.rooms if self.is_member(member, room)]
+    def count(self, room: str) -> int:
+        return len(self.rooms.get(room, {}))
 
     # --- delivery --------------------------------------------------------------------
 
     def room_members(self, room: str) -> Iterable[Member]:
         return self.rooms.get(room, {}).values()
-
-    def recipients(self, message: StoredMessage) -> list[Member]:
-        """This process's members who get a stored message: its room, or the DM's two ends."""
-        if message.room is not None:
-            return list(self.room_members(message.room))
-        keys = dict.fromkeys((message.sender_key, message.recipient_key))
-        return [m for key in keys if key is not None and (m := self.online.get(key)) is not None]
 
     def publish(
         self, recipients: Iterable[Member], data: bytes, message: StoredMessage | None = None
@@ -143,57 +135,28 @@ class Hub:
                     held.append(member)
         limit = self.buffer_limit
         for member, frames in queues.items():
-            connection = member.connection
-            write_frames(connection, frames)
-            transport = connection.transport
-            # Cheap on the hot path: one C call on the transport.
-            if transport is not None and transport.get_write_buffer_size() > limit:
+            link = member.link
+            link.write(frames)
+            if link.buffered() > limit:
                 self.drop(member)
         for member in held:
             self.check(member)
 
     def check(self, member: Member) -> None:
-        """Drop a member whose unsent data (written and held) passed the limit."""
-        held = sum(len(data) for data, _ in member.hold) if member.hold else 0
-        transport = member.connection.transport
-        if transport is None:
-            return
-        if transport.get_write_buffer_size() + held > self.buffer_limit:
+        """Drop a member whose unsent live data passed the limit.
+
+        While a member holds, only the hold counts: the catch-up's own bytes sitting in
+        the socket buffer are paced by the session and are not the client's fault.
+        """
+        if member.hold is not None:
+            unsent = sum(len(data) for data, _ in member.hold)
+        else:
+            unsent = member.link.buffered()
+        if unsent > self.buffer_limit:
             self.drop(member)
 
     def drop(self, member: Member) -> None:
-        self.remove(member)
+        """Close a member as too slow; its session leaves its rooms at once."""
         member.kick(
             CloseCode.POLICY, f"too slow: over {self.buffer_limit} bytes waiting to be sent"
         )
-
-
-def _merged(local: Iterable[str], remote: RemoteView | None, room: str | None) -> list[str]:
-    nicks = {nick.lower(): nick for nick in local}
-    if remote is not None:
-        for nick in remote.nicks(room):
-            nicks.setdefault(nick.lower(), nick)
-    return sorted(nicks.values(), key=str.lower)
-
-
-def write_frames(connection: ServerConnection, frames: list[bytes]) -> None:
-    """Queue text frames on a connection and hand them to the socket in one write.
-
-    What ``websockets.broadcast`` does for one frame, for several: each message is framed
-    by the connection's Sans-I/O ``protocol``, then all the bytes go to the transport
-    together (``Connection.send_data`` would write each frame separately: one system
-    call per frame). Like broadcast, it skips a connection that is not open and never
-    waits. (Broadcast also skips a connection in the middle of a fragmented send; this
-    server never sends fragmented messages.)
-    """
-    if connection.protocol.state is not State.OPEN:
-        return
-    try:
-        for data in frames:
-            connection.protocol.send_text(data)
-        chunks = connection.protocol.data_to_send()
-        connection.transport.write(b"".join(chunks))
-        if chunks and not chunks[-1] and connection.transport.can_write_eof():
-            connection.transport.write_eof()  # the protocol asked to half-close
-    except Exception:  # a broken connection: its handler will see the close
-        log.debug("write to %s failed", connection.remote_address, exc_info=True)

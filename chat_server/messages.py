@@ -1,4 +1,5 @@
-"""The server's record types: a message on its way to the store, and a stored one."""
+"""The server's record types: a message on its way to the store, a stored one, and the
+scope of a read."""
 
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,28 @@ def channel_of(room: str | None, sender_key: str, recipient_key: str | None) -> 
     assert recipient_key is not None
     low, high = sorted((sender_key, recipient_key))
     return f"@{low}@{high}"
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Which stored messages a read covers.
+
+    ``rooms``: the messages of these rooms. ``with_key``: the direct messages between
+    ``key`` and that nick. ``direct``: every direct message to or from ``key``. Direct
+    messages are only ever read for ``key`` (the reader's own nick) and only those with
+    an id above ``since``, the newest id when that nick was registered: a nick claimed
+    afresh never sees what was sent to an earlier holder of the same name.
+    """
+
+    rooms: tuple[str, ...] = ()
+    key: str = ""
+    with_key: str | None = None
+    direct: bool = False
+    since: int = 0
+
+    def channels(self) -> list[str]:
+        """The channels read without the ``since`` floor (rooms)."""
+        return [channel_of(room, "", None) for room in self.rooms]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,20 +1,37 @@
-"""One client connection: the protocol state machine from ``hello`` to close.
+"""One client connection: the protocol from ``hello`` to close, and nothing of sockets.
 
-The session reads frames one at a time and answers each before reading the next, so its
-own replies keep the order of the requests. Messages go to the store's writer queue and
-are acknowledged by the server when their batch commits, not here.
+Frames come in through :meth:`Session.received` (from whatever reads the socket, see
+``link.py``) and every answer goes out through the session's :class:`Link`.
+
+**Order.** Every frame gets a place in the session's reply queue when it arrives, and
+replies leave in that order, whatever finishes first. A refused frame (bad JSON, over a
+rate limit, …) is answered at once, in its place. Requests run one at a time in a worker
+task that exists only while requests are waiting, so an idle connection holds no task. A
+``send`` only queues its message for the store and lets the next request run, so that
+consecutive sends share a group commit; its place is filled by the ``ack`` (or error)
+when the batch commits. Any other request first waits until everything before it has
+been answered: a ``history`` after a ``send`` therefore contains that message.
+
+**Failure costs one request.** A refusal is a documented ``error``; the database refusing
+is ``unavailable``; anything else (a bug) is logged with its traceback and answered
+``internal``, and the session goes on. A failure in a catch-up that has already sent
+``welcome`` closes the connection with 1011 instead, since the client's view is then
+incomplete; the client reconnects with ``resume``.
+
+**Catch-ups** (the ``hello`` history or replay, ``join``, ``history``) are read from the
+store page by page under a server-wide cap on concurrent reads, cut to byte budgets, and
+written only as fast as the client reads them. Live traffic for the session is held
+meanwhile (see ``fanout.py``). When the client goes, its pending work is cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from typing import Any
 
 from chat_protocol import PROTOCOL_VERSION, CloseCode, ErrorCode, ProtocolError, decode, encode
 from chat_protocol.frames import (
@@ -28,237 +45,386 @@ from chat_protocol.frames import (
     Rooms,
     Send,
     Who,
+    cid_of,
     parse_client_frame,
     ref_of,
 )
-from chat_protocol.limits import HISTORY_DEFAULT, MAX_ROOMS
+from chat_protocol.limits import HISTORY_DEFAULT, MAX_ROOMS, MEMBERS_MAX
 from chat_protocol.names import nick_key
-from chat_server import metrics
 from chat_server.config import ServerConfig
-from chat_server.fanout import Held, Hub, write_frames
-from chat_server.messages import Draft, StoredMessage, channel_of
-from chat_server.ratelimit import TokenBucket
-from chat_server.store import StoreUnavailable
-
-if TYPE_CHECKING:
-    from chat_server.backends.base import ChatStore
-    from chat_server.cluster import Cluster
+from chat_server.fanout import Held, Hub, Member
+from chat_server.link import Link
+from chat_server.messages import Draft, Scope, StoredMessage
+from chat_server.presence import Presence
+from chat_server.ratelimit import Limit, Quotas, TokenBucket
+from chat_server.store import ClaimStatus, NickClaim, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 #: Decides whether a held message was already sent by the catch-up that held it.
 Covered = Callable[[StoredMessage], bool]
 
+#: Reply places waiting before the session stops reading more frames, and resumes.
+BACKLOG_HIGH = 256
+BACKLOG_LOW = 64
+#: A replay smaller than this is kept from its first read instead of being read twice.
+REPLAY_KEEP_BYTES = 64 * 1024
+
 
 @dataclass
 class Context:
-    """What every session shares: settings, the store, the hub, background closes."""
+    """What every session shares."""
 
     config: ServerConfig
-    store: ChatStore
+    store: Store
     hub: Hub
+    presence: Presence
+    quotas: Quotas
     limits: dict[str, Any]
-    closing: set[asyncio.Task[None]] = field(default_factory=set)
-    #: Set when this server is one replica of a cluster (a PostgreSQL store).
-    cluster: Cluster | None = None
+    #: Catch-up reads (with their encoding) running at once, server-wide.
+    catchups: asyncio.Semaphore = field(init=False)
 
-    def close_later(self, connection: ServerConnection, code: int, reason: str) -> None:
-        task = asyncio.create_task(connection.close(code, reason))
-        self.closing.add(task)
-        task.add_done_callback(self.closing.discard)
+    def __post_init__(self) -> None:
+        self.catchups = asyncio.Semaphore(self.config.catchup_concurrency)
+
+
+class Slot:
+    """A request's place in the reply queue."""
+
+    __slots__ = ("cid", "done", "frames", "owner", "ref", "turn")
+
+    def __init__(self, owner: Session, ref: str | None = None, cid: str | None = None) -> None:
+        self.owner = owner
+        self.ref = ref
+        self.cid = cid
+        self.frames: Sequence[bytes] = ()
+        self.done = False
+        #: Set when a request that must wait for its turn is waiting.
+        self.turn: asyncio.Future[None] | None = None
 
 
 class Session:
-    # Slots: an idle connection's memory is mostly this object and the websocket's.
+    # Slots: an idle connection's memory is mostly this object and its connection's.
     __slots__ = (
-        "address",
         "bucket",
-        "close_code",
-        "closed_reason",
-        "connection",
         "ctx",
+        "gone",
+        "hello_timer",
         "hold",
+        "link",
         "nick",
         "nick_key",
+        "queue",
+        "replies",
+        "rooms",
+        "since",
         "strikes",
+        "worker",
     )
 
-    def __init__(self, ctx: Context, connection: ServerConnection, address: str = "") -> None:
+    def __init__(self, ctx: Context, link: Link) -> None:
         self.ctx = ctx
-        self.connection = connection
-        #: The client's IP address (behind a trusted proxy: from X-Forwarded-For).
-        self.address = address
+        self.link = link
         self.nick = ""
         self.nick_key = ""
+        #: Direct messages with a larger id belong to this nick's registration.
+        self.since = 0
+        self.rooms: list[str] = []
         self.hold: list[Held] | None = None
         self.bucket = TokenBucket(ctx.config.rate, ctx.config.burst)
         self.strikes = 0
-        self.closed_reason: str | None = None
-        self.close_code = 1000
+        self.gone = False
+        self.hello_timer: asyncio.TimerHandle | None = None
+        self.queue: deque[tuple[Slot, ClientFrame]] = deque()
+        self.replies: deque[Slot] = deque()
+        self.worker: asyncio.Task[None] | None = None
 
-    @property
-    def rooms(self) -> list[str]:
-        return self.ctx.hub.rooms_of(self)
+    # --- the connection's life, as the link reports it ------------------------------------
 
-    # --- writing -----------------------------------------------------------------------
-
-    def write(self, frame: Frame) -> None:
-        """Write a frame now, past any hold: replies and the catch-up itself."""
-        write_frames(self.connection, [encode(frame)])
-        self.ctx.hub.check(self)
-
-    def deliver(self, frame: Frame) -> None:
-        """Write a frame in turn with live traffic: held while a catch-up runs."""
-        self.ctx.hub.publish([self], encode(frame))
-
-    def error(self, code: ErrorCode, message: str, ref: str | None = None, **extra: Any) -> None:
-        metrics.ERRORS.labels(code.value).inc()
-        frame: Frame = {"type": "error", "code": code.value, "message": message}
-        if ref is not None:
-            frame["ref"] = ref
-        frame.update(extra)
-        self.deliver(frame)
-
-    def kick(self, code: int, reason: str) -> None:
-        if self.closed_reason is None:
-            self.closed_reason, self.close_code = reason, code
-            log.warning("closing %s (%s): %s", self.nick or "?", self.remote, reason)
-        self.ctx.close_later(self.connection, code, reason)
-
-    @property
-    def remote(self) -> str:
-        address = self.connection.remote_address
-        peer = f"{address[0]}:{address[1]}" if address else "?"
-        if address and self.address and self.address != str(address[0]):
-            return f"{self.address} via {peer}"
-        return peer
-
-    # --- the connection's life -----------------------------------------------------------
-
-    async def run(self) -> None:
-        """Read and answer frames until the connection closes.
-
-        One flat loop, not a chain of helpers: every coroutine frame here is memory that
-        each idle connection holds for as long as it is open.
-        """
-        request = self.connection.request
-        agent = request.headers.get("User-Agent", "?") if request is not None else "?"
-        log.info("connection from %s (%s)", self.remote, agent)
-        # The handshake's HTTP headers are not used after this point; holding them costs
-        # about 2 KiB per connection for as long as it stays open.
-        for handshake in (request, self.connection.response):
-            if handshake is not None:
-                handshake.headers.clear()
+    def opened(self) -> None:
         # A timer, not asyncio.timeout(): nothing of it stays alive once hello is done.
-        hello_timer = asyncio.get_running_loop().call_later(
+        self.hello_timer = asyncio.get_running_loop().call_later(
             self.ctx.config.hello_timeout, self.kick, CloseCode.POLICY, "no hello in time"
         )
-        try:
-            async for data in self.connection:
-                parsed = self._parse(data)
-                if parsed is None:
-                    if self.closed_reason is not None:
-                        break
-                    continue
-                frame, ref = parsed
-                if not self.nick_key:
-                    if not isinstance(frame, Hello):
-                        self.error(ErrorCode.HELLO_FIRST, "the first frame must be hello", ref)
-                    elif await self._hello(frame, ref):
-                        hello_timer.cancel()
-                elif isinstance(frame, Hello):
-                    self.error(ErrorCode.ALREADY_HELLO, "hello was already accepted", ref)
-                else:
-                    try:
-                        await _HANDLERS[type(frame)](self, frame, ref)
-                    except StoreUnavailable as exc:
-                        message = f"the database is unavailable: {exc}"
-                        self.error(ErrorCode.UNAVAILABLE, message, ref)
-        except ConnectionClosed:
-            pass
-        finally:
-            hello_timer.cancel()
-            self._depart()
-            if self.closed_reason is not None:
-                # Close here too: returning first would let websockets close with 1000.
-                await self.connection.close(self.close_code, self.closed_reason)
-            log.info(
-                "%s (%s) disconnected: code %s %s",
-                self.nick or "?",
-                self.remote,
-                self.connection.close_code,
-                self.closed_reason or self.connection.close_reason or "",
-            )
 
-    def _parse(self, data: str | bytes) -> tuple[ClientFrame, str | None] | None:
-        """A frame parsed, after rate limiting; None (answered or kicked) if refused."""
-        if not self.bucket.take():
-            self.strikes += 1
-            if self.strikes >= self.ctx.config.flood_strikes:
-                self.kick(CloseCode.POLICY, "flooding: too many frames over the rate limit")
-            else:
-                self.error(ErrorCode.RATE_LIMITED, "too many frames; slow down")
-            return None
-        self.strikes = 0
-        raw: Frame | None = None
+    def received(self, data: str | bytes) -> None:
+        """One frame from the client: answer it at once or queue it for the worker."""
+        if self.gone:
+            return
+        slot = Slot(self)
+        self.replies.append(slot)
         try:
-            raw = decode(data)
-            return parse_client_frame(raw), ref_of(raw)
-        except ProtocolError as exc:
-            self.error(exc.code, exc.message, ref_of(raw) if raw else None)
-            return None
+            request = self._admit(slot, data)
+        except Exception:
+            log.exception("reading a frame from %s failed", self.link.remote)
+            self._fill(slot, [_error(ErrorCode.INTERNAL, _INTERNAL)])
+            return
+        if request is None:
+            return
+        self.queue.append((slot, request))
+        if self.worker is None:
+            self.worker = asyncio.create_task(self._work())
+        if len(self.replies) >= BACKLOG_HIGH:
+            self.link.pause_reading()
+
+    def closed(self) -> None:
+        """The connection is gone: cancel pending work and leave every room."""
+        if self.hello_timer is not None:
+            self.hello_timer.cancel()
+            self.hello_timer = None
+        self.gone = True
+        self.queue.clear()
+        self.replies.clear()
+        if self.worker is not None:
+            self.worker.cancel()
+            self.worker = None
+        self._depart()
+
+    def kick(self, code: int, reason: str) -> None:
+        """Close the connection, and be gone from now on."""
+        if not self.gone:
+            log.warning("closing %s (%s): %s", self.nick or "?", self.link.remote, reason)
+            self.closed()
+        self.link.close(code, reason)
+
+    def log_close(self, code: int | None, reason: str | None) -> None:
+        log.info(
+            "%s (%s) disconnected: code %s %s",
+            self.nick or "?",
+            self.link.remote,
+            code,
+            reason or "",
+        )
 
     def _depart(self) -> None:
         hub = self.ctx.hub
         if not self.nick_key or hub.online.get(self.nick_key) is not self:
             return
-        if self.ctx.cluster is not None:
-            self.ctx.cluster.offline(self)
-        rooms = hub.remove(self)
-        for room in rooms:
-            self._presence(room, {"event": "leave", "room": room, "nick": self.nick})
+        for room in hub.remove(self):
+            self.ctx.presence.left(room, self.nick)
 
-    def _presence(self, room: str, event: Frame) -> None:
-        """Tell a room's other members that something happened to this session."""
-        if self.ctx.cluster is not None:
-            return  # the cluster derives presence from the database's ordered events
-        others = [m for m in self.ctx.hub.room_members(room) if m is not self]
-        self.ctx.hub.publish(others, encode({"type": "presence", **event}))
+    # --- admission: decoding, rate limit, parsing -----------------------------------------
 
-    # --- claiming a nick -------------------------------------------------------------------
-
-    async def _claim(
-        self, nick: str, secret: str | None, ref: str | None
-    ) -> tuple[str, str | None] | None:
-        """Claim a nick; on success (registered spelling, new secret or None)."""
-        key = nick_key(nick)
+    def _admit(self, slot: Slot, data: str | bytes) -> ClientFrame | None:
+        """The parsed request, or None when the frame was answered (refused) already."""
+        refusal: ProtocolError | None = None
+        raw: Frame | None = None
         try:
-            claim = await self.ctx.store.claim_nick(nick, key, secret)
-        except StoreUnavailable as exc:
-            self.error(ErrorCode.UNAVAILABLE, f"the database is unavailable: {exc}", ref)
-            return None
-        if not claim.granted:
-            self.error(
+            raw = decode(data)
+            slot.cid = cid_of(raw)
+            slot.ref = ref_of(raw)
+        except ProtocolError as exc:
+            refusal = exc
+        wait = self.bucket.take()
+        if wait:
+            self.strikes += 1
+            if self.strikes >= self.ctx.config.flood_strikes:
+                self.kick(CloseCode.POLICY, "flooding: too many frames over the rate limit")
+                return None
+            refusal = ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                "too many frames on this connection; slow down",
+                retry_after=_seconds(wait),
+            )
+        else:
+            self.strikes = 0
+        if refusal is None:
+            assert raw is not None
+            try:
+                return parse_client_frame(raw)
+            except ProtocolError as exc:
+                refusal = exc
+        self._fill(slot, [self._refusal(slot, refusal)])
+        return None
+
+    # --- the reply queue --------------------------------------------------------------
+
+    def _fill(self, slot: Slot, frames: Sequence[bytes]) -> None:
+        """Give a place its answer and send whatever is now first in line."""
+        self.settle(slot, frames)
+        data = self.ready()
+        if data:
+            self.link.write(data)
+            self.ctx.hub.check(self)
+
+    def settle(self, slot: Slot, frames: Sequence[bytes]) -> None:
+        """Give a place its answer without sending anything yet (see :meth:`ready`)."""
+        slot.frames = frames
+        slot.done = True
+
+    def ready(self) -> list[bytes]:
+        """Take the answers that are now first in line, in order."""
+        data: list[bytes] = []
+        replies = self.replies
+        while replies and replies[0].done:
+            data.extend(replies.popleft().frames)
+        if replies:
+            turn = replies[0].turn
+            if turn is not None and not turn.done():
+                turn.set_result(None)
+        if len(replies) <= BACKLOG_LOW:
+            self.link.resume_reading()
+        return data
+
+    async def _turn(self, slot: Slot) -> None:
+        """Wait until every earlier request has been answered."""
+        if self.replies and self.replies[0] is not slot:
+            slot.turn = asyncio.get_running_loop().create_future()
+            await slot.turn
+
+    def _refusal(self, slot: Slot, exc: ProtocolError) -> bytes:
+        return _error(exc.code, exc.message, slot.ref, slot.cid, **exc.extra)
+
+    def acked(self, slot: Slot, message: StoredMessage) -> None:
+        """The store committed this slot's message (the server sends :meth:`ready` after)."""
+        ack: Frame = {"type": "ack", "cid": message.cid, "id": message.id, "ts": message.ts}
+        if slot.ref is not None:
+            ack["ref"] = slot.ref
+        self.settle(slot, [encode(ack)])
+
+    def refused(self, slot: Slot, error: Exception) -> None:
+        """The store could not commit this slot's message."""
+        if isinstance(error, StoreUnavailable):
+            frame = _error(
+                ErrorCode.UNAVAILABLE,
+                f"not stored, send it again later: {error}",
+                slot.ref,
+                slot.cid,
+            )
+        else:
+            frame = _error(ErrorCode.INTERNAL, _INTERNAL_SEND, slot.ref, slot.cid)
+        if not self.gone:
+            self._fill(slot, [frame])
+
+    # --- the worker -------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        try:
+            while self.queue:
+                slot, request = self.queue.popleft()
+                try:
+                    await self._handle(slot, request)
+                except ProtocolError as exc:
+                    self._fill(slot, [self._refusal(slot, exc)])
+                except StoreUnavailable as exc:
+                    message = f"the database is unavailable: {exc}"
+                    self._fill(slot, [_error(ErrorCode.UNAVAILABLE, message, slot.ref, slot.cid)])
+                except _CatchupFailed:
+                    return
+                except Exception:
+                    log.exception("request %s from %s failed", type(request).__name__, self.nick)
+                    self._fill(slot, [_error(ErrorCode.INTERNAL, _INTERNAL, slot.ref, slot.cid)])
+        finally:
+            if self.worker is asyncio.current_task():
+                self.worker = None
+
+    async def _handle(self, slot: Slot, request: ClientFrame) -> None:
+        if isinstance(request, Send):
+            if not self.nick_key:
+                raise ProtocolError(ErrorCode.HELLO_FIRST, "the first frame must be hello")
+            await self._send(slot, request)  # answered when its batch commits
+            return
+        await self._turn(slot)
+        if isinstance(request, Hello):
+            if self.nick_key:
+                raise ProtocolError(ErrorCode.ALREADY_HELLO, "hello was already accepted")
+            await self._hello(request, slot.ref)
+            self._fill(slot, ())
+        elif not self.nick_key:
+            raise ProtocolError(ErrorCode.HELLO_FIRST, "the first frame must be hello")
+        else:
+            self._fill(slot, await _HANDLERS[type(request)](self, request, slot.ref))
+
+    # --- limits -----------------------------------------------------------------------
+
+    async def _charge(self, *costs: tuple[Limit, str, float]) -> None:
+        """Take every cost from its quota, or none of them and refuse with ``rate_limited``."""
+        quotas = self.ctx.quotas
+        taken: list[tuple[Limit, str, float]] = []
+        for limit, key, cost in costs:
+            if cost <= 0:
+                continue
+            wait = await quotas.take(limit, key, cost)
+            if wait:
+                for done in taken:
+                    await quotas.give_back(*done)
+                raise ProtocolError(
+                    ErrorCode.RATE_LIMITED,
+                    f"over the limit of {limit.value}; try again in {wait:.1f} s",
+                    retry_after=_seconds(wait),
+                )
+            taken.append((limit, key, cost))
+
+    async def _new_rooms(self, rooms: Sequence[str], cost: float) -> None:
+        """Charge a catch-up and any new rooms, then record the new rooms."""
+        store = self.ctx.store
+        new = await store.missing_rooms(rooms)
+        ip = self.link.ip
+        await self._charge(
+            (Limit.ADDRESS_CATCHUP, ip, cost), (Limit.ADDRESS_ROOMS, ip, float(len(new)))
+        )
+        if new:
+            await store.create_rooms(new)
+
+    # --- claiming a nick ----------------------------------------------------------------
+
+    async def _claim(self, nick: str, secret: str | None) -> NickClaim:
+        key = nick_key(nick)
+        quotas, ip = self.ctx.quotas, self.link.ip
+        wait = await quotas.take(Limit.ADDRESS_NICKS, ip)
+        claim = await self.ctx.store.claim_nick(
+            nick,
+            key,
+            secret,
+            online=key in self.ctx.hub.online,
+            may_register=not wait,
+            claim_ttl=self.ctx.config.nick_claim_ttl,
+        )
+        if not wait and claim.status is not ClaimStatus.REGISTERED:
+            await quotas.give_back(Limit.ADDRESS_NICKS, ip)
+        if claim.status is ClaimStatus.TAKEN:
+            raise ProtocolError(
                 ErrorCode.NICK_TAKEN,
                 f"the nick {claim.nick!r} is registered; claiming it needs its secret",
-                ref,
             )
-            return None
-        holder = self.ctx.hub.online.get(key)
-        if holder is not None and holder is not self:
-            # The secret proves it is the same person: the newer connection wins.
-            holder.kick(CloseCode.REPLACED, "replaced: this nick connected again elsewhere")
-            self.ctx.hub.remove(holder)
-        return claim.nick, claim.new_secret
+        if claim.status is ClaimStatus.NOT_ALLOWED:
+            raise ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"over the limit of {Limit.ADDRESS_NICKS.value}; try again in {wait:.1f} s",
+                retry_after=_seconds(wait),
+            )
+        if claim.status is ClaimStatus.WEAK_SECRET:
+            raise ProtocolError(
+                ErrorCode.BAD_FRAME, "a proposed secret must be at least 22 characters"
+            )
+        return claim
 
-    async def _hello(self, hello: Hello, ref: str | None) -> bool:
-        claimed = await self._claim(hello.nick, hello.secret, ref)
-        if claimed is None or not await self._go_online(claimed[0], hello.rooms, ref):
-            return False
-        self.nick, secret = claimed
-        self.nick_key = nick_key(self.nick)
-        await self.ctx.store.ensure_rooms(hello.rooms)
-        hub = self.ctx.hub
+    def _replace(self, holder: Member | None) -> list[str]:
+        """Close another live session of the nick being claimed; the rooms it was in."""
+        if holder is None or holder is self:
+            return []
+        rooms = self.ctx.hub.remove(holder)  # silently: the nick stays where it was
+        holder.kick(CloseCode.REPLACED, f"replaced: this nick connected again from {self.link.ip}")
+        return rooms
+
+    # --- hello and the catch-up ------------------------------------------------------------
+
+    async def _hello(self, hello: Hello, ref: str | None) -> None:
+        await self._new_rooms(hello.rooms, len(hello.rooms) + 1)
+        claim = await self._claim(hello.nick, hello.secret)
+        # From here to the hub, no await: one nick, one live session.
+        hub, presence = self.ctx.hub, self.ctx.presence
+        key = nick_key(claim.nick)
+        holder = hub.online.get(key)
+        if holder is not None and not hello.takeover:
+            raise ProtocolError(
+                ErrorCode.NICK_IN_USE, f"{claim.nick} is connected elsewhere; nothing was changed"
+            )
+        self.nick, self.nick_key, self.since = claim.nick, key, claim.since
+        previous = self._replace(holder)
+        if self.hello_timer is not None:
+            self.hello_timer.cancel()
+            self.hello_timer = None
         self.hold = []
         hub.add(self)
         for room in hello.rooms:
@@ -267,103 +433,186 @@ class Session:
             "type": "welcome",
             "protocol": PROTOCOL_VERSION,
             "nick": self.nick,
+            "epoch": self.ctx.store.epoch,
             "limits": self.ctx.limits,
         }
-        if secret is not None:
-            welcome["secret"] = secret
+        if claim.new_secret is not None:
+            welcome["secret"] = claim.new_secret
+        if claim.status is ClaimStatus.REGISTERED:
+            welcome["registered"] = True
         if ref is not None:
             welcome["ref"] = ref
-        self.write(welcome)
+        frames = [encode(welcome)]
         for room in hello.rooms:
-            self.write({"type": "joined", "room": room, "members": hub.members(room)})
-            self._presence(room, {"event": "join", "room": room, "nick": self.nick})
-        log.info("%s (%s) joined %s", self.nick, self.remote, ", ".join(hello.rooms))
+            frames.append(self._joined(room, None))
+            if room in previous:
+                presence.seen(room, self)
+            else:
+                presence.joined(room, self)
+        for room in previous:
+            if room not in hello.rooms:
+                presence.left(room, self.nick)
+        self.link.write(frames)
+        log.info("%s (%s) joined %s", self.nick, self.link.remote, ", ".join(hello.rooms))
         covered: Covered = _nothing
         try:
             if hello.resume is not None:
                 covered = await self._replay(hello.resume, hello.rooms)
             else:
                 covered = await self._recent(hello.rooms, hello.history)
-            await self._caught_up()
-            self.write({"type": "synced"})
+            self.link.write([_SYNCED])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not isinstance(exc, StoreUnavailable):
+                log.exception("the catch-up of %s failed", self.nick)
+            self.kick(CloseCode.INTERNAL, "the catch-up failed; reconnect with resume")
+            raise _CatchupFailed from exc
         finally:
             self._release(covered)
-        return True
 
-    async def _go_online(self, nick: str, rooms: Sequence[str], ref: str | None) -> bool:
-        """In a cluster: become the nick's one live session everywhere (else: no-op)."""
-        if self.ctx.cluster is None:
-            return True
-        try:
-            await self.ctx.cluster.online(self, nick, nick_key(nick), rooms, self.address)
-        except StoreUnavailable as exc:
-            self.error(ErrorCode.UNAVAILABLE, f"the database is unavailable: {exc}", ref)
-            return False
-        return True
-
-    async def _caught_up(self) -> None:
-        """In a cluster: before a hold ends, let the live stream pass what the catch-up read.
-
-        If that cannot be known the session is closed (the client resumes elsewhere)
-        rather than risk showing a message twice.
-        """
-        cluster = self.ctx.cluster
-        if cluster is not None and not await cluster.caught_up():
-            self.kick(1011, "the live message stream is unavailable: reconnect")
+    def _joined(self, room: str, ref: str | None) -> bytes:
+        members, more = self.ctx.hub.member_page(room, None, MEMBERS_MAX)
+        joined: Frame = {"type": "joined", "room": room, "members": members}
+        if more:
+            joined["more"] = True
+        if ref is not None:
+            joined["ref"] = ref
+        return encode(joined)
 
     async def _replay(self, after: int, rooms: Sequence[str]) -> Covered:
-        messages, truncated = await self.ctx.store.replay(
-            after, rooms, self.nick_key, self.ctx.config.resume_cap
-        )
+        """Everything after ``after``: the newest that fit the budgets, oldest first."""
+        config = self.ctx.config
+        scope = Scope(rooms=tuple(rooms), key=self.nick_key, direct=True, since=self.since)
+        count = size = 0
+        newest = oldest = 0
+        truncated = False
+        kept: list[bytes] | None = []
+        # First pass, newest first: how far back the budgets reach.
+        async for page in self._pages(scope, after=after, page=64):
+            for message in page:
+                data = encode(message.frame())
+                if count == config.resume_cap or (count and size + len(data) > config.resume_bytes):
+                    truncated = True
+                    break
+                count, size = count + 1, size + len(data)
+                newest, oldest = newest or message.id, message.id
+                if kept is not None and size <= REPLAY_KEEP_BYTES:
+                    kept.append(data)
+                else:
+                    kept = None
+            if truncated:
+                break
         if truncated:
-            metrics.RESUME_GAPS.inc()
-            self.write({"type": "gap", "after": after, "before": messages[0].id})
-        for message in messages:
-            self.write(message.frame())
-        high = max(after, messages[-1].id if messages else 0)
+            self.link.write([encode({"type": "gap", "after": after, "before": oldest})])
+        if kept is not None:
+            await self._paced(kept[::-1])
+        elif count:
+            # Second pass, oldest first, a page at a time: never the whole replay in memory.
+            async for page in self._pages(
+                scope, after=oldest - 1, before=newest + 1, oldest_first=True, page=64
+            ):
+                await self._paced([encode(message.frame()) for message in page])
+        high = max(after, newest)
         return lambda message: message.id <= high
 
     async def _recent(self, rooms: Sequence[str], limit: int) -> Covered:
+        config = self.ctx.config
+        share = min(config.history_bytes, config.catchup_bytes // (len(rooms) + 1))
         newest: dict[str, int] = {}
-        store = self.ctx.store
-        if limit == 0:
-            return _nothing
         for room in rooms:
-            messages, more = await store.room_history(room, None, limit)
-            history = {"type": "history", "room": room, "messages": _frames(messages)}
-            self.write({**history, "more": more})
-            newest[channel_of(room, "", None)] = messages[-1].id if messages else 0
-        dms, more = await store.recent_dms(self.nick_key, limit)
-        self.write({"type": "history", "direct": True, "messages": _frames(dms), "more": more})
-        newest_dm = dms[-1].id if dms else 0
+            head: Frame = {"type": "history", "room": room}
+            frame, newest[room] = await self._history(
+                head, Scope(rooms=(room,)), None, limit, share
+            )
+            await self._paced([frame])
+        scope = Scope(key=self.nick_key, direct=True, since=self.since)
+        head = {"type": "history", "direct": True}
+        frame, newest_dm = await self._history(head, scope, None, limit, share)
+        await self._paced([frame])
 
         def covered(message: StoredMessage) -> bool:
             if message.room is None:
                 return message.id <= newest_dm
-            channel = channel_of(message.room, "", None)
-            return message.id <= newest.get(channel, 0)
+            return message.id <= newest.get(message.room, 0)
 
         return covered
 
+    async def _history(
+        self,
+        head: Frame,
+        scope: Scope,
+        before: int | None,
+        limit: int,
+        budget: int,
+        ref: str | None = None,
+    ) -> tuple[bytes, int]:
+        """A ``history`` frame: the newest messages within ``limit`` and ``budget`` bytes
+        (always one at least), oldest first; and the newest id in it (0 if none)."""
+        taken: list[bytes] = []
+        size = 2  # the brackets of the messages array; each message adds itself and a comma
+        more = False
+        newest = 0
+        async with self.ctx.catchups:
+            async for page in self.ctx.store.messages(
+                scope, before=before, page=min(limit + 1, 32)
+            ):
+                for message in page:
+                    data = b"" if len(taken) == limit else encode(message.frame())
+                    if len(taken) == limit or (taken and size + len(data) + 1 > budget):
+                        more = True
+                        break
+                    taken.append(data)
+                    size += len(data) + 1
+                    newest = newest or message.id
+                if more:
+                    break
+        tail: Frame = {"more": more}
+        if ref is not None:
+            tail["ref"] = ref
+        # Spliced, not re-encoded: the messages are encoded once, to be measured.
+        frame = (
+            encode(head)[:-1] + b',"messages":[' + b",".join(taken[::-1]) + b"]," + encode(tail)[1:]
+        )
+        return frame, newest
+
+    async def _pages(self, scope: Scope, **query: Any) -> AsyncIterator[list[StoredMessage]]:
+        """The store's pages of a scope, each read under the server-wide catch-up cap."""
+        pages = self.ctx.store.messages(scope, **query)
+        try:
+            while True:
+                async with self.ctx.catchups:
+                    try:
+                        page = await anext(pages)
+                    except StopAsyncIteration:
+                        return
+                yield page
+        finally:
+            await pages.aclose()
+
+    async def _paced(self, frames: list[bytes]) -> None:
+        """Write catch-up frames as fast as the client reads them, and no faster."""
+        for start in range(0, len(frames), 16):
+            self.link.write(frames[start : start + 16])
+            await self.link.drain()
+
     def _release(self, covered: Covered) -> None:
         """End a hold: write what live traffic came in, minus what the catch-up sent."""
-        if self.closed_reason is not None:
-            return  # closing: keep holding, write nothing more
         held, self.hold = self.hold or [], None
         data = [frame for frame, message in held if message is None or not covered(message)]
-        if data:
-            write_frames(self.connection, data)
-        self.ctx.hub.check(self)
+        if data and not self.gone:
+            self.link.write(data)
+            self.ctx.hub.check(self)
 
     # --- requests --------------------------------------------------------------------------
 
-    async def _send(self, send: Send, ref: str | None) -> None:
+    async def _send(self, slot: Slot, send: Send) -> None:
         recipient_key = recipient = None
         if send.room is not None:
             if not self.ctx.hub.is_member(self, send.room):
-                message = f"join #{send.room} before sending to it"
-                self.error(ErrorCode.NOT_IN_ROOM, message, ref, cid=send.cid)
-                return
+                raise ProtocolError(
+                    ErrorCode.NOT_IN_ROOM, f"join #{send.room} before sending to it"
+                )
         else:
             assert send.to is not None
             recipient_key = nick_key(send.to)
@@ -373,9 +622,10 @@ class Session:
             else:
                 recipient = await self.ctx.store.registered_nick(recipient_key)
             if recipient is None:
-                message = f"nobody has the nick {send.to!r}"
-                self.error(ErrorCode.NO_SUCH_NICK, message, ref, cid=send.cid)
-                return
+                raise ProtocolError(ErrorCode.NO_SUCH_NICK, f"nobody has the nick {send.to!r}")
+        await self._charge(
+            (Limit.NICK_MESSAGES, self.nick_key, 1.0), (Limit.ADDRESS_MESSAGES, self.link.ip, 1.0)
+        )
         await self.ctx.store.submit(
             Draft(
                 sender_key=self.nick_key,
@@ -386,121 +636,155 @@ class Session:
                 action=send.action,
                 body=send.body,
                 cid=send.cid,
-                origin=self,
+                origin=slot,
             )
         )
 
-    async def _join(self, join: Join, ref: str | None) -> None:
+    async def _join(self, join: Join, ref: str | None) -> Sequence[bytes]:
         hub = self.ctx.hub
         already = hub.is_member(self, join.room)
         if not already and len(self.rooms) >= MAX_ROOMS:
-            self.error(ErrorCode.TOO_MANY_ROOMS, f"at most {MAX_ROOMS} rooms at once", ref)
-            return
-        await self.ctx.store.ensure_rooms([join.room])
-        if self.ctx.cluster is not None and not already:
-            await self.ctx.cluster.room(self, join.room, joined=True)
+            raise ProtocolError(ErrorCode.TOO_MANY_ROOMS, f"at most {MAX_ROOMS} rooms at once")
+        await self._new_rooms([join.room], 1)
         self.hold = []
         covered: Covered = _nothing
         try:
             hub.join(self, join.room)
-            joined = {"type": "joined", "room": join.room, "members": hub.members(join.room)}
-            self.write(_with_ref(joined, ref))
-            if not already:
-                self._presence(join.room, {"event": "join", "room": join.room, "nick": self.nick})
-            messages, more = await self.ctx.store.room_history(join.room, None, HISTORY_DEFAULT)
-            history = {"type": "history", "room": join.room, "messages": _frames(messages)}
-            self.write({**history, "more": more})
-            newest = messages[-1].id if messages else 0
+            self.link.write([self._joined(join.room, ref)])
+            if already:
+                self.ctx.presence.seen(join.room, self)
+            else:
+                self.ctx.presence.joined(join.room, self)
+            head = {"type": "history", "room": join.room}
+            scope = Scope(rooms=(join.room,))
+            budget = self.ctx.config.history_bytes
+            frame, newest = await self._history(head, scope, None, HISTORY_DEFAULT, budget)
+            await self._paced([frame])
             covered = lambda m: m.room == join.room and m.id <= newest  # noqa: E731
-            await self._caught_up()
         finally:
             self._release(covered)
+        return ()
 
-    async def _leave(self, leave: Leave, ref: str | None) -> None:
+    async def _leave(self, leave: Leave, ref: str | None) -> Sequence[bytes]:
         hub = self.ctx.hub
         if not hub.is_member(self, leave.room):
-            self.error(ErrorCode.NOT_IN_ROOM, f"you are not in #{leave.room}", ref)
-            return
-        if self.ctx.cluster is not None:
-            await self.ctx.cluster.room(self, leave.room, joined=False)
+            raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"you are not in #{leave.room}")
         hub.leave(self, leave.room)
-        self.deliver(_with_ref({"type": "left", "room": leave.room}, ref))
-        self._presence(leave.room, {"event": "leave", "room": leave.room, "nick": self.nick})
+        self.ctx.presence.left(leave.room, self.nick)
+        return [encode(_with_ref({"type": "left", "room": leave.room}, ref))]
 
-    async def _nick(self, request: Nick, ref: str | None) -> None:
-        old, old_key = self.nick, self.nick_key
-        claimed = await self._claim(request.nick, request.secret, ref)
-        if claimed is None or not await self._go_online(claimed[0], self.rooms, ref):
-            return
-        hub = self.ctx.hub
-        rooms = self.rooms
+    async def _nick(self, request: Nick, ref: str | None) -> Sequence[bytes]:
+        claim = await self._claim(request.nick, request.secret)
+        hub, presence = self.ctx.hub, self.ctx.presence
+        key = nick_key(claim.nick)
+        holder = hub.online.get(key)
+        if holder is not None and holder is not self and not request.takeover:
+            raise ProtocolError(
+                ErrorCode.NICK_IN_USE, f"{claim.nick} is connected elsewhere; nothing was changed"
+            )
+        old, rooms = self.nick, list(self.rooms)
+        taken = self._replace(holder)
         hub.remove(self)
-        self.nick, secret = claimed
-        self.nick_key = nick_key(self.nick)
+        self.nick, self.nick_key, self.since = claim.nick, key, claim.since
         hub.add(self)
         for room in rooms:
             hub.join(self, room)
+        for room in rooms:
+            if room in taken:  # the new nick was there already: the old one leaves
+                presence.left(room, old)
+            elif old != self.nick:
+                presence.renamed(room, old, self)
+        for room in taken:
+            if room not in rooms:
+                presence.left(room, self.nick)
         reply: Frame = {"type": "renamed", "old": old, "nick": self.nick}
-        if secret is not None:
-            reply["secret"] = secret
-        self.deliver(_with_ref(reply, ref))
-        if old_key != self.nick_key or old != self.nick:
-            for room in rooms:
-                event = {"event": "rename", "room": room, "old": old, "nick": self.nick}
-                self._presence(room, event)
-        log.info("%s (%s) is now %s", old, self.remote, self.nick)
+        if claim.new_secret is not None:
+            reply["secret"] = claim.new_secret
+        if claim.status is ClaimStatus.REGISTERED:
+            reply["registered"] = True
+        log.info("%s (%s) is now %s", old, self.link.remote, self.nick)
+        return [encode(_with_ref(reply, ref))]
 
-    async def _who(self, who: Who, ref: str | None) -> None:
+    async def _who(self, who: Who, ref: str | None) -> Sequence[bytes]:
+        await self._charge((Limit.ADDRESS_CATCHUP, self.link.ip, 1.0))
+        nicks, more = self.ctx.hub.member_page(who.room, who.after, MEMBERS_MAX)
+        reply: Frame = {"type": "members"}
+        if who.room is not None:
+            reply["room"] = who.room
+            if self.ctx.hub.is_member(self, who.room):
+                self.ctx.presence.seen(who.room, self)
+        reply["nicks"] = nicks
+        if more:
+            reply["more"] = True
+        return [encode(_with_ref(reply, ref))]
+
+    async def _rooms(self, request: Rooms, ref: str | None) -> Sequence[bytes]:
+        await self._charge((Limit.ADDRESS_CATCHUP, self.link.ip, 1.0))
+        names, more = await self.ctx.store.room_page(request.after, request.limit)
         hub = self.ctx.hub
-        if who.room is None:
-            nicks = hub.online_nicks()
-            self.deliver(_with_ref({"type": "members", "nicks": nicks}, ref))
-        else:
-            nicks = hub.members(who.room)
-            self.deliver(_with_ref({"type": "members", "room": who.room, "nicks": nicks}, ref))
+        rooms = [{"name": name, "members": hub.count(name)} for name in names]
+        return [encode(_with_ref({"type": "rooms", "rooms": rooms, "more": more}, ref))]
 
-    async def _rooms(self, _: Rooms, ref: str | None) -> None:
-        counts = self.ctx.hub.member_counts()
-        names = sorted(set(await self.ctx.store.room_names()) | set(counts))
-        rooms = [{"name": name, "members": counts.get(name, 0)} for name in names]
-        self.deliver(_with_ref({"type": "rooms", "rooms": rooms}, ref))
-
-    async def _history(self, request: History, ref: str | None) -> None:
-        store = self.ctx.store
-        reply: Frame = {"type": "history"}
+    async def _history_request(self, request: History, ref: str | None) -> Sequence[bytes]:
+        await self._charge((Limit.ADDRESS_CATCHUP, self.link.ip, 1.0))
+        head: Frame = {"type": "history"}
         if request.room is not None:
-            messages, more = await store.room_history(request.room, request.before, request.limit)
-            reply["room"] = request.room
-        else:
-            assert request.with_nick is not None
+            head["room"] = request.room
+            scope = Scope(rooms=(request.room,))
+        elif request.with_nick is not None:
+            head["with"] = request.with_nick
             other = nick_key(request.with_nick)
-            messages, more = await store.dm_history(
-                self.nick_key, other, request.before, request.limit
-            )
-            reply["with"] = request.with_nick
-        reply["messages"] = _frames(messages)
-        reply["more"] = more
-        self.deliver(_with_ref(reply, ref))
+            scope = Scope(key=self.nick_key, with_key=other, since=self.since)
+        else:
+            head["direct"] = True
+            scope = Scope(key=self.nick_key, direct=True, since=self.since)
+        budget = self.ctx.config.history_bytes
+        frame, _ = await self._history(head, scope, request.before, request.limit, budget, ref)
+        return [frame]
+
+
+class _CatchupFailed(Exception):
+    """A catch-up failed after ``welcome``: the connection is being closed with 1011."""
 
 
 #: Request type -> handler, shared by all sessions rather than bound per connection.
-_HANDLERS: dict[type, Callable[[Session, Any, str | None], Awaitable[None]]] = {
-    Send: Session._send,
+_HANDLERS: dict[type, Callable[[Session, Any, str | None], Awaitable[Sequence[bytes]]]] = {
     Join: Session._join,
     Leave: Session._leave,
     Nick: Session._nick,
     Who: Session._who,
     Rooms: Session._rooms,
-    History: Session._history,
+    History: Session._history_request,
 }
+
+_SYNCED = encode({"type": "synced"})
+_INTERNAL = "the server failed on this request (logged); nothing was changed, try again"
+_INTERNAL_SEND = "the server failed on this message (logged); send it again with the same cid"
+
+
+def _error(
+    code: ErrorCode,
+    message: str,
+    ref: str | None = None,
+    cid: str | None = None,
+    **extra: Any,
+) -> bytes:
+    frame: Frame = {"type": "error", "code": code.value, "message": message}
+    if ref is not None:
+        frame["ref"] = ref
+    if cid is not None:
+        frame["cid"] = cid
+    frame.update(extra)
+    return encode(frame)
+
+
+def _seconds(wait: float) -> float:
+    """A retry_after value: seconds, rounded up to the millisecond."""
+    return max(0.001, round(wait + 0.0005, 3))
 
 
 def _nothing(message: StoredMessage) -> bool:
     return False
-
-
-def _frames(messages: Sequence[StoredMessage]) -> list[Frame]:
-    return [message.frame() for message in messages]
 
 
 def _with_ref(frame: Frame, ref: str | None) -> Frame:

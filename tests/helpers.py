@@ -20,6 +20,23 @@ from chat_server.config import ServerConfig
 Frame = dict[str, Any]
 
 
+#: Every rate limit and quota out of the way, for tests about something else (throughput,
+#: buffers, races) that send from one address faster than any person would.
+NO_LIMITS: dict[str, Any] = {
+    "rate": 100_000.0,
+    "burst": 100_000,
+    "address_rate": 0.0,
+    "catchup_rate": 0.0,
+    "rooms_per_hour": 0,
+    "nicks_per_hour": 0,
+    "http_rate": 0.0,
+    "max_connections_per_ip": 0,
+}
+NO_LIMIT_FLAGS = [
+    arg for name, value in NO_LIMITS.items() for arg in ("--" + name.replace("_", "-"), str(value))
+]
+
+
 def test_config(db: Path, **overrides: Any) -> ServerConfig:
     return replace(ServerConfig(host="127.0.0.1", port=0, db=db, synchronous="NORMAL"), **overrides)
 

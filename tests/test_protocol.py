@@ -80,9 +80,83 @@ def test_names() -> None:
     assert normalize_room("#") is None
 
 
-def test_a_ref_that_cannot_be_sent_back_is_dropped() -> None:
+@pytest.mark.parametrize("ref", ['"\\ud800"', '""', '"' + "r" * 65 + '"', "7", "true", "[]"])
+def test_an_invalid_ref_refuses_the_frame(ref: str) -> None:
     from chat_protocol.frames import ref_of
 
     assert ref_of(decode('{"type":"rooms","ref":"ok-1"}')) == "ok-1"
-    assert ref_of(decode('{"type":"rooms","ref":"\\ud800"}')) is None
-    assert ref_of(decode('{"type":"rooms","ref":""}')) is None
+    assert ref_of(decode('{"type":"rooms","ref":null}')) is None
+    with pytest.raises(ProtocolError) as caught:
+        ref_of(decode('{"type":"rooms","ref":' + ref + "}"))
+    assert caught.value.code is ErrorCode.BAD_FRAME
+
+
+def test_deeply_nested_json_is_bad_json_not_a_crash() -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode("[" * 1000)
+    assert caught.value.code is ErrorCode.BAD_JSON
+    with pytest.raises(ProtocolError) as caught:
+        decode('{"type":"send","body":' + "[" * 50_000 + "]" * 50_000 + "}")
+    assert caught.value.code is ErrorCode.BAD_JSON
+
+
+@pytest.mark.parametrize(
+    ("secret", "ok"),
+    [
+        ("Fh3kQ2-_x", True),
+        ("a" * 128, True),
+        ("a" * 129, False),
+        ("", False),
+        ("\\ud800", False),  # the lone surrogate that once stopped the writer
+        ("caf\\u00e9", False),
+        ("two words", False),
+    ],
+)
+def test_secret_rules(secret: str, ok: bool) -> None:
+    text = '{"type":"hello","nick":"a","secret":"' + secret + '"}'
+    for kind in ("hello", "nick"):
+        frame = text.replace('"hello"', f'"{kind}"')
+        if ok:
+            parse(frame)
+        else:
+            with pytest.raises(ProtocolError) as caught:
+                parse(frame)
+            assert caught.value.code is ErrorCode.BAD_FRAME
+
+
+def test_white_space_is_the_unicode_property() -> None:
+    from chat_protocol.frames import is_body_blank
+    from chat_protocol.limits import WHITE_SPACE
+
+    assert len(WHITE_SPACE) == 25
+    assert is_body_blank("\t\n \u00a0\u2028\u3000\u200a")
+    # Not White_Space, though Python's str.isspace() says so for the first four.
+    for char in ("\x1c", "\x1d", "\x1e", "\x1f", "\u200b", "\u180e", "\ufeff"):
+        assert not is_body_blank(char), repr(char)
+        assert isinstance(
+            parse(encode({"type": "send", "cid": "1", "room": "a", "body": char}).decode()), Send
+        )
+
+
+def test_new_request_fields() -> None:
+    from chat_protocol.frames import History, Nick, Rooms, Who
+
+    assert parse('{"type":"hello","nick":"a","takeover":false}') == Hello(
+        nick="a", secret=None, rooms=("lobby",), resume=None, history=50, takeover=False
+    )
+    assert parse('{"type":"nick","nick":"b"}') == Nick(nick="b", secret=None, takeover=True)
+    assert parse('{"type":"history","direct":true,"limit":5}') == History(
+        room=None, with_nick=None, before=None, limit=5, direct=True
+    )
+    assert parse('{"type":"rooms","after":"#Dev","limit":500}') == Rooms(after="dev", limit=500)
+    assert parse('{"type":"rooms"}') == Rooms(after=None, limit=100)
+    assert parse('{"type":"who","room":"x","after":"Bob"}') == Who(room="x", after="Bob")
+    for bad in (
+        '{"type":"history","direct":true,"room":"a"}',
+        '{"type":"history"}',
+        '{"type":"rooms","limit":501}',
+        '{"type":"rooms","limit":0}',
+        '{"type":"hello","nick":"a","takeover":"no"}',
+    ):
+        with pytest.raises(ProtocolError):
+            parse(bad)

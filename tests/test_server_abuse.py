@@ -17,7 +17,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from chat_protocol import ErrorCode
-from tests.helpers import peer, server, url
+from tests.helpers import NO_LIMITS, peer, server, url
 
 
 async def test_connections_per_ip_are_limited(db: Path) -> None:
@@ -137,7 +137,7 @@ def test_fuzzed_frames_get_documented_answers_only(frames: list[dict[str, Any]])
 
 def check_fuzzed(db: Path, frames: list[dict[str, Any]]) -> None:
     async def run() -> None:
-        async with server(db, rate=10_000.0, burst=10_000) as chat:
+        async with server(db, **NO_LIMITS) as chat:
             async with peer(chat, "fuzz") as fuzz, peer(chat, "witness") as witness:
                 await witness.quiet(0.05)
                 for frame in frames:

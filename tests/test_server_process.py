@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.helpers import peer
+from tests.helpers import NO_LIMIT_FLAGS, NO_LIMITS, peer
 from tests.procs import ServerProcess
 
 
 @pytest.fixture
 def proc(db: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess(db, "--rate", "10000", "--burst", "10000").start()
+    server = ServerProcess(db, *NO_LIMIT_FLAGS).start()
     yield server
     server.stop()
 
@@ -95,7 +95,7 @@ async def test_live_backup_under_write_load(tmp_path: Path) -> None:
     db = tmp_path / "live.db"
     acked: dict[str, int] = {}
     stop = asyncio.Event()
-    async with server(db, rate=10_000.0, burst=10_000) as chat:
+    async with server(db, **NO_LIMITS) as chat:
 
         async def writer(name: str) -> None:
             async with peer(chat, name) as p:
