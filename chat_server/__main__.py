@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 from chat_server.app import running_server
 from chat_server.backends import redacted
+from chat_server.backends.base import StoreUnavailable
 from chat_server.config import ServerConfig, parse_config
-from chat_server.store import StoreUnavailable
 
 
 async def serve(config: ServerConfig) -> None:

@@ -20,16 +20,20 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from chat_protocol import encode
 from chat_protocol.limits import MAX_BODY_CHARS, MAX_FRAME_BYTES, MAX_ROOMS, MEMBERS_MAX
+from chat_server import metrics
+from chat_server.backends import open_store, redacted
+from chat_server.backends.base import ChatStore, StoreFailed, StoreUnavailable
+from chat_server.backends.postgres import PostgresStore
+from chat_server.cluster import Cluster
 from chat_server.config import ServerConfig
-from chat_server.fanout import Hub, Member
+from chat_server.fanout import Delivery, Hub
+from chat_server.forwarded import TrustedProxies
 from chat_server.link import WebSocketLink
 from chat_server.messages import Committed, Draft
 from chat_server.presence import Presence
 from chat_server.ratelimit import Limit, Quotas, Rule
 from chat_server.session import Context, Session, Slot
-from chat_server.store import Store, StoreFailed, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +46,27 @@ HEALTH_CACHE = 1.0
 class ChatServer:
     """The running server; also the store's commit listener."""
 
-    def __init__(self, config: ServerConfig, store: Store) -> None:
+    def __init__(self, config: ServerConfig, store: ChatStore) -> None:
         self.config = config
         self.store = store
         self.hub = Hub(config.send_buffer_limit)
         self.quotas = Quotas(_rules(config), max_connections=config.max_connections_per_ip)
+        presence = Presence(self.hub)
+        #: Set when the store is shared by several replicas (PostgreSQL).
+        self.cluster: Cluster | None = None
+        if isinstance(store, PostgresStore):
+            self.cluster = Cluster(store, self.hub, presence, timeout=config.replica_timeout)
         self.ctx = Context(
-            config, store, self.hub, Presence(self.hub), self.quotas, _announced_limits(config)
+            config,
+            store,
+            self.hub,
+            presence,
+            self.quotas,
+            _announced_limits(config),
+            cluster=self.cluster,
         )
+        #: Behind a reverse proxy: the client's address, from X-Forwarded-For.
+        self.proxies = TrustedProxies(config.trusted_proxies)
         self.server: Server | None = None
         self._stopped = asyncio.Event()
         #: Every TCP connection, handshake done or not, so a shutdown can drop them.
@@ -76,18 +93,35 @@ class ChatServer:
 
     async def handler(self, connection: ServerConnection) -> None:
         link = WebSocketLink(connection, self.closing)
-        await link.serve(Session(self.ctx, link))
+        client = connection.client_ip if isinstance(connection, TrackedConnection) else None
+        if client is not None and client != link.ip:  # behind a trusted proxy
+            link.remote = f"{client} via {link.remote}"
+            link.ip = client
+        metrics.CONNECTIONS.inc()
+        try:
+            await link.serve(Session(self.ctx, link))
+        finally:
+            metrics.CONNECTIONS.dec()
 
     async def process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
-        ip = _ip(connection)
+        forwarded = request.headers.get_all("X-Forwarded-For")
+        ip = await self.proxies.client_ip(_ip(connection), forwarded)
         wait = await self.quotas.take(Limit.ADDRESS_HTTP, ip)
         if wait:
             response = connection.respond(
                 HTTPStatus.TOO_MANY_REQUESTS, f"too many requests from {ip}; slow down\n"
             )
             response.headers["Retry-After"] = str(max(1, round(wait)))
+            return response
+        if request.path == "/metrics":
+            data, content_type = metrics.exposition()
+            response = connection.respond(HTTPStatus.OK, "")
+            for name, value in (("Content-Type", content_type), ("Content-Length", len(data))):
+                del response.headers[name]  # Headers is a multidict: replace, not add
+                response.headers[name] = str(value)
+            response.body = data
             return response
         if request.path == "/healthz":
             error = await self.health()
@@ -101,7 +135,7 @@ class ChatServer:
             text = f"too many connections from {ip} (limit {limit})\n"
             return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, text)
         if isinstance(connection, TrackedConnection):
-            connection.counted_ip = ip
+            connection.counted_ip = connection.client_ip = ip
         return None
 
     def connection_lost(self, connection: TrackedConnection) -> None:
@@ -126,6 +160,8 @@ class ChatServer:
                 await self.store.probe()
         except (StoreUnavailable, StoreFailed, TimeoutError) as exc:
             error = self.store.last_error or str(exc) or type(exc).__name__
+        if error is None and self.cluster is not None and not self.cluster.healthy:
+            error = "the live message stream between replicas (LISTEN) is not connected"
         self._health = (asyncio.get_running_loop().time(), error)
         self._health_probe = None
         return error
@@ -135,29 +171,29 @@ class ChatServer:
     def committed(self, results: Sequence[Committed]) -> None:
         """Fan a committed batch out in id order, then each sender's answers in order."""
         hub = self.hub
-        rooms = {r.message.room for r in results if r.fresh and r.message.room is not None}
-        deliveries = self.ctx.presence.before_messages(rooms)
+        deliveries: list[Delivery] = []
+        delivered = fresh = acks = 0
+        # In a cluster every replica delivers messages from the ordered stream
+        # (chat_server.cluster), its own commits included; here only the answers.
+        if self.cluster is None:
+            deliveries, delivered = hub.deliveries(
+                [r.message for r in results if r.fresh], self.ctx.presence.before_messages
+            )
         answered: dict[Session, None] = {}
         for result in results:
-            message = result.message
-            if result.fresh:
-                recipients: list[Member]
-                if message.room is not None:
-                    recipients = list(hub.room_members(message.room))
-                else:
-                    recipients = [
-                        member
-                        for key in dict.fromkeys((message.sender_key, message.recipient_key))
-                        if key is not None and (member := hub.online.get(key)) is not None
-                    ]
-                deliveries.append((recipients, encode(message.frame()), message))
+            fresh += result.fresh
             slot = result.draft.origin
             if isinstance(slot, Slot):
-                slot.owner.acked(slot, message)
+                slot.owner.acked(slot, result.message)
                 answered[slot.owner] = None
+                acks += 1
         for session in answered:
             deliveries.extend(([session], data, None) for data in session.ready())
         hub.publish_many(deliveries)
+        metrics.MESSAGES.inc(fresh)
+        metrics.ACKS.inc(acks)
+        metrics.DELIVERIES.inc(delivered)
+        metrics.BATCH_SIZE.observe(len(results))
 
     def failed(self, drafts: Sequence[Draft], error: Exception) -> None:
         for draft in drafts:
@@ -197,6 +233,8 @@ class TrackedConnection(ServerConnection):
     chat: ChatServer  # set on a subclass per server, see _tracked()
     #: The address whose connection limit counts this connection, once it is counted.
     counted_ip: str | None = None
+    #: The client's address (behind a trusted proxy: from X-Forwarded-For).
+    client_ip: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -256,16 +294,12 @@ def _announced_limits(config: ServerConfig) -> dict[str, Any]:
 @asynccontextmanager
 async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
     """Open the database and serve; on exit shut down gracefully in the documented order."""
-    store = await Store.open(
-        config.db,
-        synchronous=config.synchronous,
-        batch_max=config.batch_max,
-        queue_max=config.queue_max,
-        batch_wait=config.batch_wait_ms / 1000,
-    )
+    store = await open_store(config)
     chat = ChatServer(config, store)
     store.start(chat)
     try:
+        if chat.cluster is not None:
+            await chat.cluster.start()
         server = await serve(
             chat.handler,
             config.host,
@@ -284,7 +318,7 @@ async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
             "listening on %s:%d, database %s (last id %d, epoch %s)",
             config.host,
             chat.port,
-            config.db,
+            redacted(str(config.db)),
             store.last_id,
             store.epoch,
         )
@@ -294,6 +328,8 @@ async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
             log.info("shutting down: closing connections with 1001")
             await chat.shut_down(server)
     finally:
+        if chat.cluster is not None:
+            await chat.cluster.stop()
         await store.close()
         log.info(
             "database closed; last id %d; %d messages in %d group commits",

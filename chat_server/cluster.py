@@ -48,9 +48,9 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from chat_protocol import CloseCode, encode
-from chat_protocol.frames import Frame
+from chat_protocol import CloseCode
 from chat_server import metrics
+from chat_server.backends.base import StoreUnavailable
 from chat_server.backends.postgres import (
     MESSAGES_CHANNEL,
     PRESENCE_CHANNEL,
@@ -61,9 +61,9 @@ from chat_server.backends.postgres import (
     Subscription,
     parse_batch,
 )
-from chat_server.fanout import Delivery, Hub, Member
+from chat_server.fanout import Hub, Member
 from chat_server.messages import StoredMessage
-from chat_server.store import StoreUnavailable
+from chat_server.presence import Presence
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,8 @@ class _Live:
     rooms: set[str] = field(default_factory=set)
 
 
-#: A presence change for one room: (room, frame, nick keys not to tell).
-PresenceFrame = tuple[str, Frame, tuple[str, ...]]
+#: A presence change for one room, by nick: (room, "join" | "leave" | "rename", nick, old).
+Change = tuple[str, str, str, str | None]
 
 
 class PresenceView:
@@ -100,21 +100,27 @@ class PresenceView:
         lives = self._sessions.values() if room is None else self._rooms.get(room, {}).values()
         return [live.nick for live in lives if live.replica != self.replica]
 
-    def counts(self) -> dict[str, int]:
-        counts = {}
-        for room, lives in self._rooms.items():
-            count = sum(1 for live in lives.values() if live.replica != self.replica)
-            if count:
-                counts[room] = count
-        return counts
+    def count(self, room: str) -> int:
+        return sum(1 for live in self._rooms.get(room, {}).values() if live.replica != self.replica)
+
+    def is_online(self, key: str) -> bool:
+        return any(
+            live.nick_key == key and live.replica != self.replica
+            for live in self._sessions.values()
+        )
 
     def sessions_of(self, replica: str) -> list[str]:
         return [s for s, live in self._sessions.items() if live.replica == replica]
 
+    def replica_of(self, session: str) -> str | None:
+        live = self._sessions.get(session)
+        return live.replica if live is not None else None
+
     # --- changes ---------------------------------------------------------------------
 
     def _has(self, room: str, nick_key: str) -> bool:
-        return self._nicks.get(room, Counter())[nick_key] > 0
+        nicks = self._nicks.get(room)
+        return nicks is not None and nicks[nick_key] > 0
 
     def _enter(self, session: str, live: _Live, room: str) -> None:
         live.rooms.add(room)
@@ -134,8 +140,8 @@ class PresenceView:
             del self._rooms[room]
             del self._nicks[room]
 
-    def apply(self, event: PresenceEvent) -> list[PresenceFrame]:
-        """Apply one event; the presence frames it means, by nick, room by room."""
+    def apply(self, event: PresenceEvent) -> list[Change]:
+        """Apply one event; what it changes for each room, by nick (not by session)."""
         before: dict[tuple[str, str], tuple[str, bool]] = {}
 
         def touch(room: str, live: _Live) -> None:
@@ -150,7 +156,7 @@ class PresenceView:
                     touch(room, live)
                     self._exit(session, live, room)
 
-        frames: list[PresenceFrame] = []
+        changes: list[Change] = []
         kind = event.kind
         if kind == "online":
             for session, _ in event.replaced:
@@ -158,15 +164,14 @@ class PresenceView:
             live = self._sessions.get(event.session)
             if live is not None and (live.nick_key, live.nick) != (event.nick_key, event.nick):
                 # A nick change: the rooms see a rename, not a leave and a join.
-                old_key, old_nick = live.nick_key, live.nick
-                for room in sorted(live.rooms):
+                old, rooms = live.nick, sorted(live.rooms)
+                for room in rooms:
                     self._exit(event.session, live, room)
-                    live.nick_key, live.nick = event.nick_key, event.nick
+                live = _Live(event.nick_key, event.nick, live.replica)
+                self._sessions[event.session] = live
+                for room in rooms:
                     self._enter(event.session, live, room)
-                    live.nick_key, live.nick = old_key, old_nick
-                    rename = {"event": "rename", "room": room, "old": old_nick, "nick": event.nick}
-                    frames.append((room, {"type": "presence", **rename}, (old_key, event.nick_key)))
-                live.nick_key, live.nick = event.nick_key, event.nick
+                    changes.append((room, "rename", event.nick, old))
             if live is None:
                 live = _Live(event.nick_key, event.nick, event.replica)
                 self._sessions[event.session] = live
@@ -194,16 +199,16 @@ class PresenceView:
         for (room, nick_key), (nick, was) in before.items():
             now = self._has(room, nick_key)
             if was != now:
-                change = {"event": "join" if now else "leave", "room": room, "nick": nick}
-                frames.append((room, {"type": "presence", **change}, (nick_key,)))
-        return frames
+                changes.append((room, "join" if now else "leave", nick, None))
+        return changes
 
-    def reload(self, sessions: Iterable[OnlineSession]) -> list[PresenceFrame]:
-        """Replace the view by a snapshot; the frames for what changed meanwhile."""
-        frames: list[PresenceFrame] = []
+    def reload(self, sessions: Iterable[OnlineSession]) -> list[tuple[str, list[Change]]]:
+        """Replace the view by a snapshot; per replica, what changed meanwhile."""
+        changes: list[tuple[str, list[Change]]] = []
         fresh = {s.session: s for s in sessions}
         for session in [s for s in self._sessions if s not in fresh]:
-            frames += self.apply(PresenceEvent("offline", session=session))
+            replica = self._sessions[session].replica
+            changes.append((replica, self.apply(PresenceEvent("offline", session=session))))
         for s in fresh.values():
             event = PresenceEvent(
                 "online",
@@ -213,8 +218,8 @@ class PresenceView:
                 replica=s.replica,
                 rooms=s.rooms,
             )
-            frames += self.apply(event)
-        return frames
+            changes.append((s.replica, self.apply(event)))
+        return changes
 
 
 class Cluster:
@@ -224,6 +229,7 @@ class Cluster:
         self,
         store: PostgresStore,
         hub: Hub,
+        presence: Presence,
         *,
         timeout: float = 10.0,
         heartbeat: float = 2.0,
@@ -232,6 +238,7 @@ class Cluster:
     ) -> None:
         self.store = store
         self.hub = hub
+        self.presence = presence
         self.host = socket.gethostname()
         self.replica = replica or f"{self.host}-{uuid.uuid4().hex[:8]}"
         self.timeout = timeout
@@ -249,6 +256,8 @@ class Cluster:
         self._members: dict[str, Member] = {}  # session id -> local live session
         self._stale: set[str] = set()  # session ids to remove from the online table
         self._ids = itertools.count(1)
+        #: Per nick, the newest claim generation seen (see :meth:`online`).
+        self._latest: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -341,7 +350,9 @@ class Cluster:
                 self._deliver(page)
                 if len(page) < GAP_PAGE:
                     break
-        self._publish(self.view.reload(await self.store.online_sessions()))
+        for replica, changes in self.view.reload(await self.store.online_sessions()):
+            if replica != self.replica:
+                self._publish(changes)
         mine = set(self.view.sessions_of(self.replica))
         self._stale |= mine - set(self._members)
         for session, member in list(self._members.items()):
@@ -364,21 +375,13 @@ class Cluster:
     def _deliver(self, messages: Sequence[StoredMessage]) -> None:
         """Fan a committed batch out to this replica's members, in id order."""
         assert self.position is not None
-        hub = self.hub
-        deliveries: list[Delivery] = []
         position = self.position
-        delivered = 0
-        for message in messages:
-            if message.id <= position:  # already delivered (a resync overlaps the stream)
-                continue
-            recipients = hub.recipients(message)
-            delivered += len(recipients)
-            deliveries.append((recipients, encode(message.frame()), message))
-            position = message.id
-        if not deliveries:
+        fresh = [m for m in messages if m.id > position]  # a resync overlaps the stream
+        if not fresh:
             return
-        hub.publish_many(deliveries)
-        self.position = position
+        deliveries, delivered = self.hub.deliveries(fresh, self.presence.before_messages)
+        self.hub.publish_many(deliveries)
+        self.position = position = fresh[-1].id
         metrics.DELIVERIES.inc(delivered)
         metrics.STREAM_POSITION.set(position)
         metrics.FANOUT_LAG.observe(max(0.0, time.time() - messages[-1].ts / 1000))
@@ -417,6 +420,10 @@ class Cluster:
     # --- presence --------------------------------------------------------------------
 
     def _on_presence(self, event: PresenceEvent) -> None:
+        if event.kind == "online" and event.gen > self._latest.get(event.nick_key, 0):
+            self._latest[event.nick_key] = event.gen
+        elif event.kind == "offline" and self._latest.get(event.nick_key, 0) <= event.gen:
+            self._latest.pop(event.nick_key, None)
         for session, replica in event.replaced:
             if replica == self.replica:
                 self._stale.discard(session)
@@ -424,8 +431,8 @@ class Cluster:
                 if member is not None:
                     self._forget(member)
                     if self.hub.online.get(member.nick_key) is member:
-                        self.hub.remove(member)
-                    origin = f" from {event.origin}" if event.origin else ""
+                        self.hub.remove(member)  # silently: the nick stays where it was
+                    origin = f" from {event.origin}" if event.origin else " elsewhere"
                     member.kick(CloseCode.REPLACED, f"replaced: this nick connected again{origin}")
         if event.kind == "gone" and event.replica == self.replica and not self._stopping:
             # Declared dead by another replica (we were cut off for too long): our
@@ -433,14 +440,14 @@ class Cluster:
             log.warning("replica %s was declared dead by the cluster; rejoining", self.replica)
             if self._subscription is not None:
                 self._subscription.fail()
-        self._publish(self.view.apply(event))
+        changes = self.view.apply(event)
+        if event.replica != self.replica:  # this replica's sessions announced their own
+            self._publish(changes)
 
-    def _publish(self, frames: Iterable[PresenceFrame]) -> None:
-        hub = self.hub
-        for room, frame, skip in frames:
-            recipients = [m for m in hub.room_members(room) if m.nick_key not in skip]
-            if recipients:
-                hub.publish(recipients, encode(frame))
+    def _publish(self, changes: Iterable[Change]) -> None:
+        """Queue presence from other replicas with this replica's own (coalesced per tick)."""
+        for room, kind, nick, old in changes:
+            self.presence.remote(room, kind, nick, old)
 
     def _forget(self, member: Member) -> None:
         session = self._keys.pop(member, None)
@@ -448,24 +455,46 @@ class Cluster:
             self._members.pop(session, None)
 
     async def online(
-        self, member: Member, nick: str, nick_key: str, rooms: Sequence[str], origin: str
-    ) -> None:
+        self,
+        member: Member,
+        nick: str,
+        nick_key: str,
+        rooms: Sequence[str],
+        takeover: bool,
+        origin: str,
+    ) -> list[str] | None:
         """Make ``member`` the nick's one live session cluster-wide (hello or a nick change).
 
-        Raises StoreUnavailable when the database cannot record it; the session is then
-        not live and the caller answers ``unavailable``.
+        Returns the rooms the nick was in on other replicas, or None when ``takeover`` is
+        false and the nick is live elsewhere (nothing changed). Raises StoreUnavailable
+        when the database cannot record it (the session is then not live).
+
+        Claims of one nick are serialized in the database and numbered (a generation).
+        Two claims on this replica may resume here in either order; the older one, or
+        one whose replacement was announced already, is closed with 4001 as replaced.
         """
         session = self._keys.get(member)
         if session is None:
             session = f"{self.replica}-{next(self._ids)}"
         try:
-            await self.store.session_online(session, nick_key, nick, self.replica, rooms, origin)
+            claimed = await self.store.session_online(
+                session, nick_key, nick, self.replica, rooms, origin, takeover=takeover
+            )
         except StoreUnavailable:
             if member not in self._keys:
                 self._stale.add(session)  # it may have committed: remove it later
             raise
+        if claimed is None:
+            return None
+        gen, elsewhere = claimed
+        if self._latest.get(nick_key, 0) > gen:
+            self._stale.add(session)
+            member.kick(CloseCode.REPLACED, "replaced: this nick connected again elsewhere")
+            raise StoreUnavailable("replaced while connecting")
+        self._latest[nick_key] = gen
         self._keys[member] = session
         self._members[session] = member
+        return elsewhere
 
     async def room(self, member: Member, room: str, *, joined: bool) -> None:
         session = self._keys.get(member)

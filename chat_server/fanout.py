@@ -17,10 +17,10 @@ is.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-from chat_protocol import CloseCode
+from chat_protocol import CloseCode, encode
 from chat_server.link import Link
 from chat_server.messages import StoredMessage
 
@@ -44,11 +44,26 @@ class Member(Protocol):
         """Close the member's connection in the background and take it out of the hub."""
 
 
+class RemoteView(Protocol):
+    """Who is online on the *other* replicas of a cluster (``chat_server.cluster``)."""
+
+    def nicks(self, room: str | None) -> list[str]:
+        """Nicks in ``room`` elsewhere; with None, every nick online elsewhere."""
+
+    def count(self, room: str) -> int:
+        """Members of ``room`` elsewhere."""
+
+    def is_online(self, key: str) -> bool:
+        """Whether the nick is live on another replica."""
+
+
 class Hub:
     def __init__(self, buffer_limit: int) -> None:
         self.buffer_limit = buffer_limit
         self.online: dict[str, Member] = {}
         self.rooms: dict[str, dict[str, Member]] = {}
+        #: In a cluster: the other replicas' members, so that who/rooms/joined see them.
+        self.remote: RemoteView | None = None
 
     # --- membership ------------------------------------------------------------------
 
@@ -86,9 +101,20 @@ class Hub:
             member.rooms.remove(room)
 
     def members(self, room: str | None) -> list[str]:
-        """A room's nicks (everybody online if ``room`` is None), case-insensitive order."""
+        """A room's nicks (everybody online if ``room`` is None), case-insensitive order.
+
+        In a cluster, the members on every replica.
+        """
         pool = self.online if room is None else self.rooms.get(room, {})
-        return sorted((m.nick for m in pool.values()), key=str.lower)
+        nicks = {m.nick.lower(): m.nick for m in pool.values()}
+        if self.remote is not None:
+            for nick in self.remote.nicks(room):
+                nicks.setdefault(nick.lower(), nick)
+        return sorted(nicks.values(), key=str.lower)
+
+    def is_online(self, key: str) -> bool:
+        """Whether a nick is live here (or, in a cluster, on any replica)."""
+        return key in self.online or (self.remote is not None and self.remote.is_online(key))
 
     def member_page(
         self, room: str | None, after: str | None, limit: int
@@ -101,12 +127,37 @@ class Hub:
         return nicks[:limit], len(nicks) > limit
 
     def count(self, room: str) -> int:
-        return len(self.rooms.get(room, {}))
+        here = len(self.rooms.get(room, {}))
+        return here + (self.remote.count(room) if self.remote is not None else 0)
 
     # --- delivery --------------------------------------------------------------------
 
     def room_members(self, room: str) -> Iterable[Member]:
         return self.rooms.get(room, {}).values()
+
+    def recipients(self, message: StoredMessage) -> list[Member]:
+        """This process's members who get a stored message: its room, or the DM's two ends."""
+        if message.room is not None:
+            return list(self.room_members(message.room))
+        keys = dict.fromkeys((message.sender_key, message.recipient_key))
+        return [m for key in keys if key is not None and (m := self.online.get(key)) is not None]
+
+    def deliveries(
+        self,
+        messages: Sequence[StoredMessage],
+        presence_first: Callable[[set[str]], list[Delivery]],
+    ) -> tuple[list[Delivery], int]:
+        """A committed batch as deliveries, in id order, after its rooms' queued presence
+        (``presence_first``: "bob joined" goes before what bob says); and how many
+        ``msg`` frames that makes."""
+        rooms = {m.room for m in messages if m.room is not None}
+        deliveries = presence_first(rooms)
+        count = 0
+        for message in messages:
+            recipients = self.recipients(message)
+            count += len(recipients)
+            deliveries.append((recipients, encode(message.frame()), message))
+        return deliveries, count
 
     def publish(
         self, recipients: Iterable[Member], data: bytes, message: StoredMessage | None = None

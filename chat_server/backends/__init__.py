@@ -1,6 +1,6 @@
 """Stores the server can run on, chosen by one setting (``CHAT_DB``).
 
-* a file path or ``sqlite:///path``: the embedded SQLite store (``chat_server.store``),
+* a file path or ``sqlite:///path``: the embedded SQLite store (:mod:`chat_server.backends.sqlite`),
   one server process per file;
 * ``postgresql://user:password@host:port/db`` (or ``postgres://``): PostgreSQL through
   asyncpg (:mod:`chat_server.backends.postgres`), shared by any number of replicas.
@@ -55,7 +55,7 @@ async def open_store(config: ServerConfig) -> ChatStore:
             queue_max=config.queue_max,
             batch_wait=config.batch_wait_ms / 1000,
         )
-    from chat_server.store import Store
+    from chat_server.backends.sqlite import Store
 
     return await Store.open(
         sqlite_path(url),

@@ -35,15 +35,22 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
+from chat_protocol.limits import MIN_PROPOSED_SECRET_CHARS
 from chat_server import metrics
-from chat_server.messages import Committed, Draft, StoredMessage, channel_of
-from chat_server.store import CommitListener, NickClaim, StoreUnavailable
+from chat_server.backends.base import (
+    ClaimStatus,
+    CommitListener,
+    NickClaim,
+    StoreFailed,
+    StoreUnavailable,
+)
+from chat_server.messages import Committed, Draft, Scope, StoredMessage, channel_of
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -80,7 +87,9 @@ MIGRATIONS: tuple[str, ...] = (
         nick_key    text PRIMARY KEY,
         nick        text NOT NULL,
         secret_hash bytea NOT NULL,
-        created_ts  bigint NOT NULL
+        created_ts  bigint NOT NULL,
+        confirmed   boolean NOT NULL,
+        since_id    bigint NOT NULL
     );
     CREATE TABLE rooms (
         name       text PRIMARY KEY,
@@ -106,7 +115,8 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE recipient_key IS NOT NULL;
     CREATE INDEX messages_dm_sender ON messages (sender_key, id)
         WHERE recipient_key IS NOT NULL;
-    INSERT INTO meta (key, value) VALUES ('probe', '0'), ('epoch', gen_random_uuid()::text);
+    INSERT INTO meta (key, value)
+        VALUES ('probe', '0'), ('epoch', substr(md5(gen_random_uuid()::text), 1, 16));
 
     CREATE FUNCTION chat_append(
         p_channel text[], p_room text[], p_sender_key text[], p_sender text[],
@@ -160,11 +170,14 @@ MIGRATIONS: tuple[str, ...] = (
         started timestamptz NOT NULL DEFAULT now(),
         seen    timestamptz NOT NULL DEFAULT now()
     );
+    -- Claims of a nick are numbered, so a replica can tell which of two came last.
+    CREATE SEQUENCE online_gen;
     CREATE TABLE online (
         session  text PRIMARY KEY,
         nick_key text NOT NULL UNIQUE,
         nick     text NOT NULL,
         replica  text NOT NULL REFERENCES replicas ON DELETE CASCADE,
+        gen      bigint NOT NULL,
         since    timestamptz NOT NULL DEFAULT now()
     );
     CREATE TABLE online_rooms (
@@ -177,6 +190,34 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 _COLUMNS = "id, ts, room, sender_key, sender, recipient_key, recipient, action, body, cid"
+_NO_ID = 2**63 - 1
+
+
+def _scope_sql(scope: Scope) -> tuple[str, list[Any]]:
+    """The WHERE condition (besides the id range) for a scope, and its parameters $1...
+
+    The direct messages' condition is two indexed look-ups that PostgreSQL combines.
+    """
+    parts: list[str] = []
+    params: list[Any] = []
+
+    def param(value: Any) -> str:
+        params.append(value)
+        return f"${len(params)}"
+
+    if scope.with_key is not None:
+        pair = param(channel_of(None, scope.key, scope.with_key))
+        parts.append(f"(channel = {pair} AND id > {param(scope.since)})")
+    channels = scope.channels()
+    if channels:
+        parts.append(f"channel = ANY({param(channels)}::text[])")
+    if scope.direct:
+        key, since = param(scope.key), param(scope.since)
+        parts.append(
+            f"(recipient_key IS NOT NULL AND (recipient_key = {key} OR sender_key = {key})"
+            f" AND id > {since})"
+        )
+    return " OR ".join(parts) or "false", params
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +248,7 @@ class PresenceEvent:
     rooms: tuple[str, ...] = ()
     replaced: tuple[tuple[str, str], ...] = ()  # (session, replica)
     origin: str = ""  # where the new session came from, for the 4001 reason
+    gen: int = 0  # the claim's generation (online) or the ended claim's (offline)
 
     def payload(self) -> str:
         return json.dumps(
@@ -219,6 +261,7 @@ class PresenceEvent:
                 "rooms": list(self.rooms),
                 "replaced": [list(pair) for pair in self.replaced],
                 "origin": self.origin,
+                "gen": self.gen,
             },
             separators=(",", ":"),
         )
@@ -235,6 +278,7 @@ class PresenceEvent:
             rooms=tuple(data["rooms"]),
             replaced=tuple((s, r) for s, r in data["replaced"]),
             origin=data["origin"],
+            gen=data["gen"],
         )
 
 
@@ -450,13 +494,22 @@ class PostgresStore:
     # --- plumbing ------------------------------------------------------------------
 
     async def _run(self, work: Callable[[Db], Awaitable[T]]) -> T:
-        """Run ``work`` on a pooled connection; database failures become StoreUnavailable."""
+        """Run ``work`` on a pooled connection.
+
+        The database refusing becomes StoreUnavailable; anything else (a bug) is logged
+        with its traceback and becomes StoreFailed. Neither stops anything else.
+        """
         try:
             async with self._pool.acquire(timeout=self._timeout) as db:
                 value = await work(db)
         except DB_ERRORS as exc:
             self._set_writable(False, _describe(exc))
             raise StoreUnavailable(_describe(exc)) from exc
+        except (StoreUnavailable, StoreFailed, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.exception("a PostgreSQL operation failed")
+            raise StoreFailed(f"{type(exc).__name__}: {exc}") from exc
         self._set_writable(True, None)
         return value
 
@@ -480,30 +533,72 @@ class PostgresStore:
     async def submit(self, draft: Draft) -> None:
         await self._queue.put(draft)
 
-    async def claim_nick(self, nick: str, key: str, secret: str | None) -> NickClaim:
+    async def claim_nick(
+        self,
+        nick: str,
+        key: str,
+        secret: str | None,
+        *,
+        online: bool,
+        may_register: bool,
+        claim_ttl: float,
+    ) -> NickClaim:
+        """Register ``nick`` or check ``secret``: the rules of the SQLite store's claim.
+
+        Claims of one nick are serialized by an advisory lock, so two replicas
+        registering it at once cannot both succeed.
+        """
+
         async def claim(db: Db) -> NickClaim:
-            new_secret = secrets.token_urlsafe(24)
-            inserted = await db.fetchval(
-                "INSERT INTO nicks (nick_key, nick, secret_hash, created_ts)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT (nick_key) DO NOTHING RETURNING 1",
-                key,
-                nick,
-                _hash_secret(new_secret),
-                _now_ms(),
-                timeout=self._timeout,
-            )
-            if inserted:
-                return NickClaim(granted=True, nick=nick, new_secret=new_secret)
-            row = await db.fetchrow("SELECT nick, secret_hash FROM nicks WHERE nick_key = $1", key)
-            assert row is not None  # nicks are never deleted
-            granted = secret is not None and hmac.compare_digest(
-                bytes(row[1]), _hash_secret(secret)
-            )
-            return NickClaim(granted=granted, nick=row[0])
+            async with db.transaction():
+                await db.execute(
+                    "SELECT pg_advisory_xact_lock($1, $2)", _NICK_LOCK_CLASS, _nick_lock(key)
+                )
+                row = await db.fetchrow(
+                    "SELECT nick, secret_hash, confirmed, created_ts, since_id"
+                    " FROM nicks WHERE nick_key = $1",
+                    key,
+                    timeout=self._timeout,
+                )
+                now = _now_ms()
+                if row is not None:
+                    stored = bytes(row["secret_hash"])
+                    if secret is not None and hmac.compare_digest(stored, _hash_secret(secret)):
+                        if not row["confirmed"]:
+                            await db.execute(
+                                "UPDATE nicks SET confirmed = true WHERE nick_key = $1", key
+                            )
+                        return NickClaim(ClaimStatus.GRANTED, row["nick"], since=row["since_id"])
+                    age = now - row["created_ts"]
+                    if row["confirmed"] or online or age < claim_ttl * 1000:
+                        return NickClaim(ClaimStatus.TAKEN, row["nick"])
+                if not may_register:
+                    return NickClaim(ClaimStatus.NOT_ALLOWED, nick)
+                if secret is not None and len(secret) < MIN_PROPOSED_SECRET_CHARS:
+                    return NickClaim(ClaimStatus.WEAK_SECRET, nick)
+                new_secret = secrets.token_urlsafe(24) if secret is None else None
+                chosen = secret if secret is not None else new_secret
+                assert chosen is not None
+                since = int(await db.fetchval("SELECT COALESCE(max(id), 0) FROM messages"))
+                await db.execute(
+                    "INSERT INTO nicks"
+                    " (nick_key, nick, secret_hash, created_ts, confirmed, since_id)"
+                    " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (nick_key) DO UPDATE SET"
+                    " nick = EXCLUDED.nick, secret_hash = EXCLUDED.secret_hash,"
+                    " created_ts = EXCLUDED.created_ts, confirmed = EXCLUDED.confirmed,"
+                    " since_id = EXCLUDED.since_id",
+                    key,
+                    nick,
+                    _hash_secret(chosen),
+                    now,
+                    secret is not None,
+                    since,
+                )
+                return NickClaim(ClaimStatus.REGISTERED, nick, new_secret, since)
 
         return await self._run(claim)
 
-    async def ensure_rooms(self, rooms: Sequence[str]) -> None:
+    async def create_rooms(self, rooms: Sequence[str]) -> None:
         rooms = [room for room in rooms if room not in self._known_rooms]
         if not rooms:
             return
@@ -546,7 +641,18 @@ class PostgresStore:
                     break
                 item = self._queue.get_nowait()
             if batch:
-                await self._write_messages(batch)
+                try:
+                    await self._write_messages(batch)
+                except Exception as exc:  # a bug: fail this batch, never the writer
+                    log.exception("the writer failed on a batch; failing it and going on")
+                    self._notify_failed(batch, StoreFailed(f"{type(exc).__name__}: {exc}"))
+
+    def _notify_failed(self, drafts: Sequence[Draft], error: Exception) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.failed(drafts, error)
+            except Exception:
+                log.exception("the commit listener failed on a failed batch")
 
     async def _write_messages(self, drafts: list[Draft]) -> None:
         """Store a batch with one call of ``chat_append``: one round trip, one commit."""
@@ -591,11 +697,10 @@ class PostgresStore:
         started = time.perf_counter()
         try:
             base, ts, ids, existing = await self._run(append)
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, StoreFailed) as exc:
             # The outcome of a batch whose connection broke is unknown; a resend of the
             # same cid is safe either way (stored at most once, answered with the original).
-            if self._listener is not None:
-                self._listener.failed(drafts, exc)
+            self._notify_failed(drafts, exc)
             return
         stored: dict[tuple[str, str], StoredMessage] = {}
         fresh_keys: set[tuple[str, str]] = set()
@@ -629,7 +734,13 @@ class PostgresStore:
         self.batches += 1
         self.batched += len(results)
         if self._listener is not None:
-            self._listener.committed(results)
+            try:
+                self._listener.committed(results)
+            except Exception as exc:
+                # Stored, but neither fanned out nor acknowledged: the senders resend the
+                # same cid and get the original back.
+                log.exception("the commit listener failed on a batch of %d", len(results))
+                self._notify_failed(drafts, StoreFailed(f"{type(exc).__name__}: {exc}"))
 
     async def _existing(
         self, db: Db, drafts: Sequence[Draft]
@@ -657,55 +768,53 @@ class PostgresStore:
         rows = await self._fetch("SELECT COALESCE(max(id), 0) FROM messages")
         return int(rows[0][0])
 
-    async def channel_history(
-        self, channel: str, before: int | None, limit: int
-    ) -> tuple[list[StoredMessage], bool]:
-        rows = await self._select(
-            f"SELECT {_COLUMNS} FROM messages WHERE channel = $1 AND id < $2"
-            " ORDER BY id DESC LIMIT $3",
-            channel,
-            before if before is not None else 2**63 - 1,
+    async def messages(
+        self,
+        scope: Scope,
+        *,
+        after: int = 0,
+        before: int | None = None,
+        oldest_first: bool = False,
+        page: int = 32,
+    ) -> AsyncGenerator[list[StoredMessage], None]:
+        """The scope's messages with ``after < id < before``, a page (one query) at a time."""
+        where, params = _scope_sql(scope)
+        order = "ASC" if oldest_first else "DESC"
+        n = len(params)
+        sql = (
+            f"SELECT {_COLUMNS} FROM messages WHERE id > ${n + 1} AND id < ${n + 2}"
+            f" AND ({where}) ORDER BY id {order} LIMIT ${n + 3}"
+        )
+        low, high = after, before if before is not None else _NO_ID
+        while low < high - 1:
+            messages = await self._select(sql, *params, low, high, page)
+            if not messages:
+                return
+            yield messages
+            if len(messages) < page:
+                return
+            if oldest_first:
+                low = messages[-1].id
+            else:
+                high = messages[-1].id
+
+    async def missing_rooms(self, rooms: Iterable[str]) -> list[str]:
+        unknown = [room for room in dict.fromkeys(rooms) if room not in self._known_rooms]
+        if not unknown:
+            return []
+        rows = await self._fetch("SELECT name FROM rooms WHERE name = ANY($1::text[])", unknown)
+        known = {str(row[0]) for row in rows}
+        self._known_rooms.update(known)
+        return [room for room in unknown if room not in known]
+
+    async def room_page(self, after: str | None, limit: int) -> tuple[list[str], bool]:
+        rows = await self._fetch(
+            "SELECT name FROM rooms WHERE name > $1 ORDER BY name LIMIT $2",
+            after or "",
             limit + 1,
         )
-        return rows[:limit][::-1], len(rows) > limit
-
-    async def room_history(
-        self, room: str, before: int | None, limit: int
-    ) -> tuple[list[StoredMessage], bool]:
-        return await self.channel_history(channel_of(room, "", None), before, limit)
-
-    async def dm_history(
-        self, key: str, other_key: str, before: int | None, limit: int
-    ) -> tuple[list[StoredMessage], bool]:
-        return await self.channel_history(channel_of(None, key, other_key), before, limit)
-
-    async def recent_dms(self, key: str, limit: int) -> tuple[list[StoredMessage], bool]:
-        rows = await self._select(
-            f"SELECT {_COLUMNS} FROM messages WHERE id IN ("
-            " SELECT id FROM messages WHERE recipient_key = $1"
-            " UNION ALL"
-            " SELECT id FROM messages WHERE sender_key = $1 AND recipient_key IS NOT NULL"
-            ") ORDER BY id DESC LIMIT $2",
-            key,
-            limit + 1,
-        )
-        return rows[:limit][::-1], len(rows) > limit
-
-    async def replay(
-        self, after: int, rooms: Sequence[str], key: str, cap: int
-    ) -> tuple[list[StoredMessage], bool]:
-        channels = [channel_of(room, "", None) for room in rooms]
-        rows = await self._select(
-            f"SELECT {_COLUMNS} FROM messages WHERE id > $1 AND ("
-            " channel = ANY($2::text[])"
-            " OR (recipient_key IS NOT NULL AND (recipient_key = $3 OR sender_key = $3))"
-            ") ORDER BY id DESC LIMIT $4",
-            after,
-            channels,
-            key,
-            cap + 1,
-        )
-        return rows[:cap][::-1], len(rows) > cap
+        names = [str(row[0]) for row in rows]
+        return names[:limit], len(names) > limit
 
     async def messages_between(self, first: int, last: int) -> list[StoredMessage]:
         """Every message with ``first <= id <= last``, in id order (a notified range)."""
@@ -726,10 +835,6 @@ class PostgresStore:
     async def registered_nick(self, key: str) -> str | None:
         rows = await self._fetch("SELECT nick FROM nicks WHERE nick_key = $1", key)
         return str(rows[0][0]) if rows else None
-
-    async def room_names(self) -> list[str]:
-        rows = await self._fetch("SELECT name FROM rooms ORDER BY name")
-        return [str(row[0]) for row in rows]
 
     # --- the stream -----------------------------------------------------------------
 
@@ -801,34 +906,48 @@ class PostgresStore:
         replica: str,
         rooms: Iterable[str],
         origin: str,
-    ) -> PresenceEvent:
+        *,
+        takeover: bool = True,
+    ) -> tuple[int, list[str]] | None:
         """Make ``session`` the one live session of ``nick_key``, replacing any other.
 
         Used by ``hello`` and by a nick change of a live session (then ``rooms`` are the
         session's rooms). Serialized per nick by an advisory lock, so two sessions claiming
-        one nick at once on two replicas end with exactly one of them live.
+        one nick at once on two replicas end with exactly one of them live. Returns the
+        claim's generation and the rooms the replaced sessions were in; None, changing
+        nothing, when ``takeover`` is false and another session of the nick is live.
         """
         rooms = list(dict.fromkeys(rooms))
 
-        async def online(db: Db) -> PresenceEvent:
+        async def online(db: Db) -> tuple[int, list[str]] | None:
             async with db.transaction():
                 await db.execute(
                     "SELECT pg_advisory_xact_lock($1, $2)", _NICK_LOCK_CLASS, _nick_lock(nick_key)
                 )
-                replaced = await db.fetch(
-                    "DELETE FROM online WHERE nick_key = $1 AND session <> $2"
-                    " RETURNING session, replica",
+                others = "FROM online WHERE nick_key = $1 AND session <> $2"
+                held = await db.fetch(
+                    f"SELECT DISTINCT r.room FROM online_rooms AS r WHERE r.session IN"
+                    f" (SELECT session {others})",
                     nick_key,
                     session,
                 )
+                if not takeover and await db.fetchval(
+                    f"SELECT EXISTS (SELECT 1 {others})", nick_key, session
+                ):
+                    return None
+                replaced = await db.fetch(
+                    f"DELETE {others} RETURNING session, replica", nick_key, session
+                )
+                gen = int(await db.fetchval("SELECT nextval('online_gen')"))
                 await db.execute(
-                    "INSERT INTO online (session, nick_key, nick, replica) VALUES ($1, $2, $3, $4)"
-                    " ON CONFLICT (session) DO UPDATE"
-                    " SET nick_key = EXCLUDED.nick_key, nick = EXCLUDED.nick",
+                    "INSERT INTO online (session, nick_key, nick, replica, gen)"
+                    " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (session) DO UPDATE"
+                    " SET nick_key = EXCLUDED.nick_key, nick = EXCLUDED.nick, gen = EXCLUDED.gen",
                     session,
                     nick_key,
                     nick,
                     replica,
+                    gen,
                 )
                 await db.execute("DELETE FROM online_rooms WHERE session = $1", session)
                 await db.execute(
@@ -845,9 +964,10 @@ class PostgresStore:
                     rooms=tuple(rooms),
                     replaced=tuple((str(r[0]), str(r[1])) for r in replaced),
                     origin=origin,
+                    gen=gen,
                 )
                 await self._notify(db, event)
-            return event
+            return gen, [str(r[0]) for r in held]
 
         return await self._run(online)
 
@@ -855,12 +975,17 @@ class PostgresStore:
         async def offline(db: Db) -> None:
             async with db.transaction():
                 row = await db.fetchrow(
-                    "DELETE FROM online WHERE session = $1 RETURNING nick_key, nick, replica",
+                    "DELETE FROM online WHERE session = $1 RETURNING nick_key, nick, replica, gen",
                     session,
                 )
                 if row is not None:
                     event = PresenceEvent(
-                        "offline", session=session, nick_key=row[0], nick=row[1], replica=row[2]
+                        "offline",
+                        session=session,
+                        nick_key=row[0],
+                        nick=row[1],
+                        replica=row[2],
+                        gen=row[3],
                     )
                     await self._notify(db, event)
 
