@@ -9,6 +9,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import peer, server
+from tests.stores import db_on_both_stores  # noqa: F401 (db: SQLite and PostgreSQL)
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import sqlite3
 import uuid
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.helpers import NO_LIMITS, Frame, Peer, peer, server, url
+from tests.stores import db_on_both_stores, db_rows  # noqa: F401 (db: SQLite and PostgreSQL)
 
 
 def compact(value: object) -> bytes:
@@ -118,8 +118,7 @@ async def test_invalid_ref_is_refused_with_bad_frame(db: Path) -> None:
             {"type": "send", "cid": "c1", "room": "lobby", "body": "x", "ref": "r" * 64}
         )
         await reply(alice, "ack", cid="c1", ref="r" * 64)
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM messages").fetchone() == (1,)
+    assert await db_rows(db, "SELECT COUNT(*) FROM messages") == [(1,)]
 
 
 async def test_hello_with_history_zero_still_sends_every_history(db: Path) -> None:
