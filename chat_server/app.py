@@ -34,6 +34,7 @@ from chat_server.messages import Committed, Draft
 from chat_server.presence import Presence
 from chat_server.ratelimit import Limit, Quotas, Rule
 from chat_server.session import Context, Session, Slot
+from chat_server.shared_limits import SharedQuotas
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,18 @@ class ChatServer:
         self.config = config
         self.store = store
         self.hub = Hub(config.send_buffer_limit)
-        self.quotas = Quotas(_rules(config), max_connections=config.max_connections_per_ip)
         presence = Presence(self.hub)
         #: Set when the store is shared by several replicas (PostgreSQL).
         self.cluster: Cluster | None = None
+        self.quotas = Quotas(_rules(config), max_connections=config.max_connections_per_ip)
         if isinstance(store, PostgresStore):
             self.cluster = Cluster(store, self.hub, presence, timeout=config.replica_timeout)
+            self.quotas = SharedQuotas(
+                _rules(config),
+                store,
+                self.cluster.replica,
+                max_connections=config.max_connections_per_ip,
+            )
         self.ctx = Context(
             config,
             store,
@@ -300,6 +307,8 @@ async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
     try:
         if chat.cluster is not None:
             await chat.cluster.start()
+        if isinstance(chat.quotas, SharedQuotas):
+            chat.quotas.start()
         server = await serve(
             chat.handler,
             config.host,
@@ -328,6 +337,8 @@ async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
             log.info("shutting down: closing connections with 1001")
             await chat.shut_down(server)
     finally:
+        if isinstance(chat.quotas, SharedQuotas):
+            await chat.quotas.stop()
         if chat.cluster is not None:
             await chat.cluster.stop()
         await store.close()

@@ -14,9 +14,11 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chat_server.cluster import Cluster
+from chat_server.shared_limits import SharedQuotas
 from tests.helpers import Peer, peer, server
 from tests.pg import Postgres, fresh_database, query
 from tests.procs import ServerProcess
@@ -295,3 +297,50 @@ async def test_replicas_report_the_stream_on_metrics(pg_url: str, replicas: Repl
     assert seen["chat_fanout_lag_seconds_count"] >= 1
     assert seen["chat_deliveries_total"] == 1  # bob, on b; alice is on a
     assert seen["chat_messages_total"] == 0  # committed by a's writer, not b's
+
+
+def _forwarded(address: str) -> dict[str, str]:
+    return {"X-Forwarded-For": address}
+
+
+async def test_a_nick_s_message_rate_holds_across_replicas(pg_url: str, replicas: Replicas) -> None:
+    a, b = replicas(pg_url, 2, "--rate", "0.1", "--burst", "4")
+    async with peer(a.url, "alice") as alice:
+        for n in range(3):  # hello and 3 sends: the burst of 4, on replica a
+            await alice.say(f"m{n}")
+    async with peer(b.url, "alice", secret=alice.welcome["secret"]) as again:
+        await again.say("one token was left")  # and about 0.1 came back since
+        await again.send({"type": "send", "cid": "over", "room": "lobby", "body": "over"})
+        refused = await again.expect("error", cid="over")
+        assert refused["code"] == "rate_limited" and refused["retry_after"] > 1
+
+
+async def test_connections_per_address_are_counted_across_replicas(
+    pg_url: str, replicas: Replicas
+) -> None:
+    a, b = replicas(pg_url, 2, "--max-connections-per-ip", "2", "--trusted-proxies", "127.0.0.1")
+    client = _forwarded("203.0.113.9")
+    async with connect(a.url, additional_headers=client), connect(b.url, additional_headers=client):
+        await asyncio.sleep(SharedQuotas.SYNC_EVERY * 2.5)  # the replicas exchange counts
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(a.url, additional_headers=client):
+                pass
+        assert refused.value.response.status_code == 429
+        async with connect(a.url, additional_headers=_forwarded("203.0.113.10")):
+            pass  # another address is not affected
+
+
+async def test_nick_registrations_per_address_are_counted_across_replicas(
+    pg_url: str, replicas: Replicas
+) -> None:
+    a, b = replicas(pg_url, 2, "--nicks-per-hour", "2", "--trusted-proxies", "127.0.0.1")
+    client = _forwarded("203.0.113.9")
+    for n, proc in enumerate((a, b, a)):
+        async with connect(proc.url, additional_headers=client) as ws:
+            p = Peer(ws)
+            await p.send({"type": "hello", "nick": f"new{n}"})
+            reply = await p.recv()
+            if n < 2:
+                assert reply["type"] == "welcome", reply
+            else:
+                assert reply["type"] == "error" and reply["code"] == "rate_limited", reply

@@ -187,7 +187,30 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX online_rooms_room ON online_rooms (room);
     """,
+    # 2: limits and quotas shared by the replicas: token buckets per (limit, key), and
+    # each replica's open connections per address.
+    """
+    CREATE TABLE quota_buckets (
+        name   text NOT NULL,
+        key    text NOT NULL,
+        tokens double precision NOT NULL,
+        stamp  double precision NOT NULL,  -- seconds, the database's clock
+        rate   double precision NOT NULL,
+        burst  double precision NOT NULL,
+        PRIMARY KEY (name, key)
+    );
+    CREATE TABLE connections (
+        replica text NOT NULL REFERENCES replicas ON DELETE CASCADE,
+        address text NOT NULL,
+        count   integer NOT NULL,
+        PRIMARY KEY (replica, address)
+    );
+    """,
 )
+
+_NOW = "extract(epoch FROM clock_timestamp())"
+#: A bucket's tokens now: refilled since its stamp, up to its burst.
+_REFILLED = f"LEAST(b.burst, b.tokens + ({_NOW} - b.stamp) * b.rate)"
 
 _COLUMNS = "id, ts, room, sender_key, sender, recipient_key, recipient, action, body, cid"
 _NO_ID = 2**63 - 1
@@ -1028,6 +1051,97 @@ class PostgresStore:
                     await self._notify(db, event)
 
         await self._run(change)
+
+    # --- shared limits ---------------------------------------------------------------
+
+    async def take_tokens(
+        self, name: str, key: str, cost: float, rate: float, burst: float
+    ) -> float:
+        """Spend ``cost`` tokens of a shared bucket: 0.0, or the seconds until possible.
+
+        One statement: the bucket is refilled by the database's clock and charged only
+        if it holds enough, atomically, whichever replica asks.
+        """
+
+        async def take(db: Db) -> float:
+            spent = await db.fetchval(
+                "INSERT INTO quota_buckets AS b (name, key, tokens, stamp, rate, burst)"
+                f" VALUES ($1, $2, $5::float8 - $3::float8, {_NOW}, $4::float8, $5::float8)"
+                " ON CONFLICT (name, key) DO UPDATE SET"
+                f" tokens = {_REFILLED} - $3::float8, stamp = {_NOW},"
+                " rate = $4::float8, burst = $5::float8"
+                f" WHERE {_REFILLED} >= $3::float8"
+                " RETURNING true",
+                name,
+                key,
+                cost,
+                rate,
+                burst,
+                timeout=self._timeout,
+            )
+            if spent:
+                return 0.0
+            tokens = await db.fetchval(
+                f"SELECT {_REFILLED} FROM quota_buckets AS b WHERE name = $1 AND key = $2",
+                name,
+                key,
+            )
+            return max(0.001, (cost - float(tokens or 0.0)) / rate)
+
+        return await self._run(take)
+
+    async def give_tokens(self, name: str, key: str, cost: float) -> None:
+        async def give(db: Db) -> None:
+            await db.execute(
+                f"UPDATE quota_buckets AS b SET tokens = LEAST(b.burst, {_REFILLED} + $3::float8),"
+                f" stamp = {_NOW} WHERE name = $1 AND key = $2",
+                name,
+                key,
+                cost,
+                timeout=self._timeout,
+            )
+
+        await self._run(give)
+
+    async def forget_full_buckets(self) -> None:
+        """Delete buckets that have refilled completely (they hold nothing to remember)."""
+
+        async def forget(db: Db) -> None:
+            await db.execute(
+                f"DELETE FROM quota_buckets AS b WHERE {_REFILLED} >= b.burst",
+                timeout=self._timeout,
+            )
+
+        await self._run(forget)
+
+    async def sync_connections(self, replica: str, counts: dict[str, int]) -> dict[str, int]:
+        """Record this replica's open connections for ``counts``' addresses (0: none);
+        the other replicas' open connections per address."""
+
+        async def sync(db: Db) -> dict[str, int]:
+            async with db.transaction():
+                if counts:
+                    await db.execute(
+                        "INSERT INTO connections (replica, address, count)"
+                        " SELECT $1, address, count FROM unnest($2::text[], $3::int[])"
+                        " AS c(address, count)"
+                        " ON CONFLICT (replica, address) DO UPDATE SET count = EXCLUDED.count",
+                        replica,
+                        list(counts),
+                        list(counts.values()),
+                    )
+                    await db.execute(
+                        "DELETE FROM connections WHERE replica = $1 AND count <= 0", replica
+                    )
+                rows = await db.fetch(
+                    "SELECT address, sum(count) FROM connections WHERE replica <> $1"
+                    " GROUP BY address HAVING sum(count) > 0",
+                    replica,
+                    timeout=self._timeout,
+                )
+            return {str(row[0]): int(row[1]) for row in rows}
+
+        return await self._run(sync)
 
     async def online_sessions(self) -> list[OnlineSession]:
         """Every live session in the cluster with its rooms (a snapshot for a new view)."""

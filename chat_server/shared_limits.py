@@ -1,0 +1,131 @@
+"""Limits and quotas shared by the replicas of a cluster, kept in PostgreSQL.
+
+The :class:`~chat_server.ratelimit.Quotas` interface, so sessions do not know whether
+they run alone or in a cluster. Behind HAProxy a client's connections, reconnects and
+nick land on any replica, so a bucket per replica would let a nick or an address spend
+its allowance once per replica. Here:
+
+* Every quota except the HTTP flood limit is a token bucket *in the database*, charged
+  by one atomic statement whichever replica asks (``PostgresStore.take_tokens``). The
+  replica's own bucket is charged first, so a client over its limit is refused without
+  a round trip; only what the local bucket grants is then checked cluster-wide.
+* ``ADDRESS_HTTP`` stays per replica: it is the flood guard, and a flood must not turn
+  into database writes.
+* Open connections per address are counted cluster-wide from each replica's counts,
+  exchanged through the database every :attr:`SharedQuotas.SYNC_EVERY` seconds: a
+  burst of connections within that second can pass the limit by what the other
+  replicas accepted meanwhile. A dead replica's counts go with it.
+
+When the database is unreachable, the local buckets still hold (and writes fail
+anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+
+from chat_server.backends.base import StoreFailed, StoreUnavailable
+from chat_server.backends.postgres import PostgresStore
+from chat_server.ratelimit import Limit, Quotas, Rule
+
+log = logging.getLogger(__name__)
+
+
+class SharedQuotas(Quotas):
+    #: Kept per replica only (see the module docstring).
+    LOCAL = frozenset({Limit.ADDRESS_HTTP})
+    #: Seconds between exchanges of connection counts.
+    SYNC_EVERY = 1.0
+    #: Seconds between clean-ups of full buckets in the database.
+    FORGET_EVERY = 60.0
+
+    def __init__(
+        self,
+        rules: Mapping[Limit, Rule],
+        store: PostgresStore,
+        replica: str,
+        *,
+        max_connections: int = 0,
+    ) -> None:
+        super().__init__(rules, max_connections=max_connections)
+        self.store = store
+        self.replica = replica
+        #: Open connections per address on the other replicas, as of the last exchange.
+        self.elsewhere: dict[str, int] = {}
+        self._closed: set[str] = set()  # addresses whose last connection here closed
+        self._task: asyncio.Task[None] | None = None
+
+    # --- buckets -------------------------------------------------------------------------
+
+    async def take(self, limit: Limit, key: str, cost: float = 1.0) -> float:
+        wait = await super().take(limit, key, cost)
+        rule = self.rules.get(limit)
+        if wait or limit in self.LOCAL or rule is None or rule.unlimited:
+            return wait
+        try:
+            wait = await self.store.take_tokens(
+                limit.name, key, min(cost, rule.burst), rule.rate, rule.burst
+            )
+        except (StoreUnavailable, StoreFailed):
+            return 0.0  # the local bucket held; the database is the store's problem
+        if wait:
+            await super().give_back(limit, key, cost)
+        return wait
+
+    async def give_back(self, limit: Limit, key: str, cost: float = 1.0) -> None:
+        await super().give_back(limit, key, cost)
+        rule = self.rules.get(limit)
+        if limit in self.LOCAL or rule is None or rule.unlimited:
+            return
+        with contextlib.suppress(StoreUnavailable, StoreFailed):
+            await self.store.give_tokens(limit.name, key, min(cost, rule.burst))
+
+    # --- connections ---------------------------------------------------------------------
+
+    def open(self, address: str) -> bool:
+        here = self.connections.get(address, 0)
+        if self.max_connections and here + self.elsewhere.get(address, 0) >= self.max_connections:
+            return False
+        return super().open(address)
+
+    def close(self, address: str) -> None:
+        super().close(address)
+        if address not in self.connections:
+            self._closed.add(address)
+
+    async def exchange(self) -> None:
+        """Publish this replica's counts; learn the others'."""
+        counts = dict(self.connections)
+        closed, self._closed = self._closed, set()
+        counts.update({address: 0 for address in closed if address not in counts})
+        try:
+            self.elsewhere = await self.store.sync_connections(self.replica, counts)
+        except (StoreUnavailable, StoreFailed):
+            self._closed |= closed  # say it next time
+
+    # --- life ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="shared-quotas")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        since_forget = 0.0
+        while True:
+            await self.exchange()
+            await asyncio.sleep(self.SYNC_EVERY)
+            since_forget += self.SYNC_EVERY
+            if since_forget >= self.FORGET_EVERY:
+                since_forget = 0.0
+                try:
+                    await self.store.forget_full_buckets()
+                except (StoreUnavailable, StoreFailed) as exc:
+                    log.warning("could not forget full quota buckets: %s", exc)
