@@ -1090,6 +1090,36 @@ class PostgresStore:
 
         return await self._run(take)
 
+    async def spend_tokens(
+        self, spends: Sequence[tuple[str, str, float, float, float]]
+    ) -> list[tuple[str, str, float]]:
+        """Charge many buckets at once, even below zero: (name, key, cost, rate, burst)
+        each; the balance of every bucket charged (negative: over its limit)."""
+
+        async def spend(db: Db) -> list[tuple[str, str, float]]:
+            rows = await db.fetch(
+                "INSERT INTO quota_buckets AS b (name, key, tokens, stamp, rate, burst)"
+                f" SELECT n, k, bu - c, {_NOW}, r, bu FROM unnest("
+                "$1::text[], $2::text[], $3::float8[], $4::float8[], $5::float8[])"
+                " AS t(n, k, c, r, bu)"
+                " ON CONFLICT (name, key) DO UPDATE SET"
+                f" tokens = {_REFILLED} - (EXCLUDED.burst - EXCLUDED.tokens), stamp = {_NOW},"
+                " rate = EXCLUDED.rate, burst = EXCLUDED.burst"
+                " RETURNING b.name, b.key, b.tokens",
+                *(list(column) for column in zip(*spends, strict=True)),
+                timeout=self._timeout,
+            )
+            return [(str(r[0]), str(r[1]), float(r[2])) for r in rows]
+
+        return await self._run(spend)
+
+    async def tokens(self, name: str, key: str) -> float | None:
+        """A shared bucket's balance now (None: no such bucket, which means full)."""
+        rows = await self._fetch(
+            f"SELECT {_REFILLED} FROM quota_buckets AS b WHERE name = $1 AND key = $2", name, key
+        )
+        return float(rows[0][0]) if rows else None
+
     async def give_tokens(self, name: str, key: str, cost: float) -> None:
         async def give(db: Db) -> None:
             await db.execute(
