@@ -9,7 +9,9 @@ to every delivery; deliveries to a client on another replica than the sender's a
 counted apart: they crossed PostgreSQL's LISTEN/NOTIFY stream.
 
 Prints, per setup: acknowledged messages/s, deliveries/s, p50/p99 delivery delay (all,
-and across replicas), and server CPU microseconds per delivery (all replicas together).
+and across replicas), server CPU microseconds per delivery (all replicas together), and
+after the run settles: sends never acknowledged, acknowledged messages a client did not
+receive, messages received twice. Exits 1 if any of those is not 0.
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ class Figures:
     cross_p50_ms: float = 0.0
     cross_p99_ms: float = 0.0
     cpu_us_per_delivery: float = 0.0
+    #: After the run settles: sends never acknowledged, acknowledged messages some client
+    #: never received, and messages a client received twice.
+    unacked: int = 0
+    missing: int = 0
+    duplicated: int = 0
     delays: list[float] = field(default_factory=list, repr=False)
 
 
@@ -88,12 +95,16 @@ async def chat(ports: list[int], clients: int, rate: float, seconds: float) -> F
     acked = 0
     stop = asyncio.Event()
     where: dict[str, int] = {}
+    sent: set[str] = set()
+    acked_cids: set[str] = set()
+    received: dict[str, list[str]] = {}
 
     async def client(n: int) -> None:
         nonlocal acked
         port = ports[n % len(ports)]
         nick = f"b{n}"
         where[nick] = port
+        got = received.setdefault(nick, [])
         ws: ClientConnection
         async with connect(f"ws://127.0.0.1:{port}", max_size=None) as ws:
             await ws.send(json.dumps({"type": "hello", "nick": nick, "rooms": ["bench"]}))
@@ -110,22 +121,27 @@ async def chat(ports: list[int], clients: int, rate: float, seconds: float) -> F
                 while not stop.is_set():
                     count += 1
                     frame = {"type": "send", "cid": f"{nick}-{count}", "room": "bench"}
+                    sent.add(frame["cid"])
                     await ws.send(json.dumps({**frame, "body": str(time.time_ns())}))
                     await asyncio.sleep(max(0.0, started + count / rate - time.monotonic()))
 
             sender = asyncio.create_task(send())
             try:
-                async for data in ws:
+                while True:
+                    try:  # after the stop, read until two quiet seconds
+                        data = await asyncio.wait_for(ws.recv(), 2.0 if stop.is_set() else None)
+                    except TimeoutError:
+                        break
                     frame = json.loads(data)
                     if frame["type"] == "msg":
                         delay = (time.time_ns() - int(frame["body"])) / 1e6
                         figures.delays.append(delay)
+                        got.append(frame["cid"])
                         if where.get(frame["from"]) != port:
                             cross.append(delay)
                     elif frame["type"] == "ack":
                         acked += 1
-                    if stop.is_set() and frame["type"] == "ack":
-                        break
+                        acked_cids.add(frame["cid"])
             finally:
                 sender.cancel()
 
@@ -143,9 +159,12 @@ async def chat(ports: list[int], clients: int, rate: float, seconds: float) -> F
     elapsed = time.monotonic() - started
     count, acks = len(figures.delays), acked
     stop.set()
-    await asyncio.wait(tasks, timeout=10)
+    await asyncio.wait(tasks, timeout=30)
     for task in tasks:
         task.cancel()
+    figures.unacked = len(sent - acked_cids)
+    figures.missing = sum(len(acked_cids - set(cids)) for cids in received.values())
+    figures.duplicated = sum(len(cids) - len(set(cids)) for cids in received.values())
     figures.acked_per_s = acks / elapsed
     figures.deliveries_per_s = count / elapsed
     window = figures.delays[:count]
@@ -231,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = asyncio.run(run(args))
     header = (
         f"{'setup':<26}{'acked/s':>9}{'deliv/s':>9}{'p50 ms':>8}{'p99 ms':>8}"
-        f"{'x-p50':>8}{'x-p99':>8}{'CPU us/deliv':>14}"
+        f"{'x-p50':>8}{'x-p99':>8}{'CPU us/deliv':>14}{'unacked':>9}{'missing':>9}{'dup':>5}"
     )
     print(f"{args.clients} clients in one room, {args.rate:g} msg/s each, {args.seconds:g} s")
     print(header)
@@ -241,7 +260,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{f.setup:<26}{f.acked_per_s:>9.0f}{f.deliveries_per_s:>9.0f}{f.p50_ms:>8.1f}"
             f"{f.p99_ms:>8.1f}{f.cross_p50_ms:>8.1f}{f.cross_p99_ms:>8.1f}"
             f"{f.cpu_us_per_delivery:>9.1f} ({f.cpu_us_per_delivery / base:.2f}x)"
+            f"{f.unacked:>9}{f.missing:>9}{f.duplicated:>5}"
         )
+    lost = sum(f.unacked + f.missing + f.duplicated for f in results)
+    print("bench.cluster: nothing lost or doubled" if not lost else "bench.cluster: LOSS")
+    if lost:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
