@@ -20,10 +20,14 @@ live. Nothing is missed, nothing doubled.
 **Presence.** Who is online, in which rooms, on which replica, is in the ``online``
 tables, changed by one transaction per event, and each change is notified on a second
 channel. Every replica applies the events in order to a :class:`PresenceView` of the
-whole cluster and derives the ``presence`` frames for its own members from it, by nick:
-a takeover moving ``alice`` from replica A to B changes no room she is in, so it shows
-no leave and no join. Claiming a nick is serialized per nick in the database; the
-replica holding the replaced session closes it with 4001 when the event arrives.
+whole cluster; the hub adds the other replicas' part of it to ``who``, ``rooms`` and
+``joined``. A replica's own sessions announce their presence locally, as on one server
+(``presence.py``, coalesced per tick); events from other replicas become presence for
+this replica's members through the same coalescing, computed by nick: a takeover moving
+``alice`` from replica A to B changes no room she is in, so nobody sees a leave and a
+join (B's session learns from the database which rooms she held elsewhere). Claiming a
+nick is serialized per nick in the database and numbered; the replica holding the
+replaced session closes it with 4001 when the event arrives.
 
 **Failures.** Each replica writes a heartbeat every ``heartbeat`` seconds on its LISTEN
 connection. A replica silent for ``timeout`` seconds (``kill -9``, a network cut) is
