@@ -1,4 +1,5 @@
-"""bench.cluster runs end to end (SQLite, then two replicas on PostgreSQL) and loses nothing.
+"""bench.cluster runs end to end through HAProxy (SQLite, then two replicas on PostgreSQL)
+and loses nothing.
 
 A smoke run: it checks loss and duplication, not speed (figures: docs/cluster.md).
 """
@@ -14,7 +15,7 @@ from tests.stack import ROOT
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
-SMOKE = ("--clients", "6", "--rate", "4", "--seconds", "2", "--replicas", "2")
+SMOKE = ("--clients", "6", "--rates", "4", "--seconds", "2", "--replicas", "2", "--haproxy")
 
 
 def test_cluster_benchmark_smoke_run_loses_nothing() -> None:
@@ -30,5 +31,6 @@ def test_cluster_benchmark_smoke_run_loses_nothing() -> None:
     rows = [line for line in done.stdout.splitlines() if line.startswith(("sqlite", "postgresql"))]
     assert len(rows) == 2
     for row in rows:
-        acked_per_s, deliveries_per_s = (float(x) for x in row[26:44].split())
-        assert acked_per_s > 0 and deliveries_per_s >= acked_per_s * 5
+        rate, acked_per_s, deliveries_per_s = (float(x) for x in row[26:53].split())
+        assert rate == 4 and acked_per_s > 0 and deliveries_per_s >= acked_per_s * 5
+    assert "deliveries/s at p99 <= 50 ms" in done.stdout
