@@ -379,3 +379,21 @@ async def test_an_address_sending_through_two_replicas_at_once_keeps_its_rate(
 
     await asyncio.gather(chatter(a, "one"), chatter(b, "two"))
     assert 20 <= acked <= 25 + 3 + 5, acked  # 3: what refills while the last acks come
+
+
+async def test_takeover_false_is_refused_when_the_nick_is_live_on_another_replica(
+    pg_url: str, replicas: Replicas
+) -> None:
+    a, b = replicas(pg_url, 2)
+    async with peer(a.url, "alice") as alice, peer(b.url) as other:
+        hello = {"type": "hello", "nick": "alice", "secret": alice.welcome["secret"]}
+        await other.send({**hello, "takeover": False})
+        refused = await other.expect("error")
+        assert refused["code"] == "nick_in_use"
+        # Nothing changed: alice on a is still the one live session.
+        online = await query(pg_url, "SELECT nick, replica FROM online")
+        assert [r["nick"] for r in online] == ["alice"]
+        await alice.say("still here")
+        # And the refused client may still say hello with another nick.
+        await other.send({"type": "hello", "nick": "bob"})
+        assert (await other.expect("welcome"))["nick"] == "bob"
