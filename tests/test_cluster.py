@@ -17,6 +17,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from chat_server.backends.postgres import PostgresStore
 from chat_server.cluster import Cluster
 from chat_server.shared_limits import SharedQuotas
 from tests.helpers import Peer, peer, server
@@ -397,3 +398,63 @@ async def test_takeover_false_is_refused_when_the_nick_is_live_on_another_replic
         # And the refused client may still say hello with another nick.
         await other.send({"type": "hello", "nick": "bob"})
         assert (await other.expect("welcome"))["nick"] == "bob"
+
+
+class FreezableRelay:
+    """A TCP relay to PostgreSQL that can go silent, as a cut network does (no FIN, no RST)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.frozen = asyncio.Event()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while not self.frozen.is_set() and (data := await src.read(65536)):
+                if self.frozen.is_set():
+                    break  # swallowed, as by a dead link
+                dst.write(data)
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        await asyncio.Event().wait()  # keep both sockets open: silence, not a close
+
+
+async def test_a_session_cut_off_mid_transaction_does_not_block_the_others(
+    postgres: Postgres, pg_url: str, replicas: Replicas
+) -> None:
+    """The numbering lock held by a transaction whose client went silent is freed."""
+    (proc,) = replicas(pg_url, 1)
+    async with peer(proc.url, "alice") as alice:
+        await alice.say("before")
+        relay = FreezableRelay(postgres.port)
+        port = await relay.start()
+        # Another replica's store, its connection to PostgreSQL through the relay, in the
+        # middle of a transaction that holds chat_append's lock when the link goes dead.
+        store = await PostgresStore.open(pg_url.replace(f":{postgres.port}/", f":{port}/"))
+        session = await store._pool.acquire()
+        await session.execute("BEGIN")
+        await session.execute("SELECT pg_advisory_xact_lock(7201100)")
+        relay.frozen.set()
+        started = time.monotonic()
+        await alice.send({"type": "send", "cid": "after", "room": "lobby", "body": "after"})
+        try:
+            async with asyncio.timeout(40):
+                while True:  # unavailable while the lock is held (10 s query timeout), then acked
+                    frame = await alice.recv(40)
+                    if frame.get("cid") != "after" or frame["type"] == "msg":
+                        continue
+                    if frame["type"] == "ack":
+                        break
+                    assert frame["code"] == "unavailable", frame
+                    resend = {"type": "send", "cid": "after", "room": "lobby", "body": "after"}
+                    await alice.send(resend)
+        except TimeoutError:
+            pytest.fail("writes stayed blocked by the silent session's lock for 40 s")
+        assert time.monotonic() - started < 25
+        store._pool.terminate()

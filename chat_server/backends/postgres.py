@@ -80,6 +80,18 @@ DB_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+#: Settings for every session of a replica. A replica cut off from the network in the
+#: middle of a statement (its Sync never arrives) would otherwise keep its transaction,
+#: and the numbering lock with it, until the kernel gives up on the connection, which
+#: by default takes hours: every replica's writes would wait. Keepalives find a dead
+#: peer within about 11 s, and an abandoned transaction is ended after 10 s.
+SESSION_SETTINGS = {
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_count": "3",
+    "idle_in_transaction_session_timeout": "10000",
+}
+
 MIGRATIONS: tuple[str, ...] = (
     # 1: nicks, rooms, messages, the numbering function; replicas and who is online.
     """
@@ -452,7 +464,11 @@ class PostgresStore:
         while True:
             try:
                 pool = await asyncpg.create_pool(
-                    url, min_size=1, max_size=pool_size, timeout=query_timeout
+                    url,
+                    min_size=1,
+                    max_size=pool_size,
+                    timeout=query_timeout,
+                    server_settings={**SESSION_SETTINGS, "application_name": "chat-server"},
                 )
                 break
             except DB_ERRORS as exc:
@@ -866,7 +882,11 @@ class PostgresStore:
     ) -> Subscription:
         """A new connection LISTENing on each channel; handlers get notification payloads."""
         try:
-            connection = await asyncpg.connect(self.url, timeout=self._timeout)
+            connection = await asyncpg.connect(
+                self.url,
+                timeout=self._timeout,
+                server_settings={**SESSION_SETTINGS, "application_name": "chat-server-listen"},
+            )
             subscription = Subscription(connection, self._timeout, on_lost)
             for channel, handler in handlers.items():
                 await connection.add_listener(
