@@ -78,12 +78,16 @@ async def request(p: Peer, frame: dict[str, object]) -> dict[str, object]:
 
 
 async def heard(p: Peer, nicks: set[str], timeout: float = 60.0) -> set[str]:
+    """The senders heard until all of ``nicks`` were, or ``timeout`` seconds passed."""
     got: set[str] = set()
     deadline = time.monotonic() + timeout
-    while not nicks <= got and time.monotonic() < deadline:
-        for frame in await p.quiet(1.0):
-            if frame["type"] == "msg":
-                got.add(str(frame["from"]))
+    while not nicks <= got and (left := deadline - time.monotonic()) > 0:
+        try:
+            frame = await p.recv(min(1.0, left))
+        except TimeoutError:
+            continue
+        if frame["type"] == "msg":
+            got.add(str(frame["from"]))
     return got
 
 
