@@ -1,19 +1,22 @@
-"""CPU time and memory of a process, read from /proc (Linux)."""
+"""CPU time and memory of processes and cores, read from /proc (Linux)."""
 
 from __future__ import annotations
 
 import os
-import resource
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds the process has used so far."""
-    with open(f"/proc/{pid}/stat") as file:
-        fields = file.read().rsplit(")", 1)[1].split()
+    """User + system CPU seconds the process has used so far (all its threads)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
@@ -25,28 +28,75 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+def core_times() -> dict[int, tuple[int, int]]:
+    """Per core: (busy, total) jiffies. Busy counts softirq too: on loopback, the
+    receiving side's TCP work runs there."""
+    times = {}
+    with open("/proc/stat") as file:
+        for line in file:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *values = line.split()
+                numbers = [int(v) for v in values[:8]]
+                idle = numbers[3] + numbers[4]  # idle + iowait
+                times[int(name[3:])] = (sum(numbers) - idle, sum(numbers))
+    return times
+
+
+def load_average() -> tuple[float, float, float]:
+    one, five, fifteen = os.getloadavg()
+    return round(one, 2), round(five, 2), round(fifteen, 2)
 
 
 @dataclass
-class CpuWindow:
-    """CPU use of a process and of this one over a stretch of wall time."""
+class Window:
+    """CPU use of the server, of the generator's processes and of each core over a
+    stretch of wall time, as percentages of one core."""
 
-    pid: int
+    server: int
+    generator: Sequence[int]
+    server_core: int | None = 0
     wall: float = 0.0
-    server: float = 0.0
-    own: float = 0.0
+    server_cpu: float = 0.0
+    generator_cpu: float = 0.0
+    cores: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     def start(self) -> None:
         self.wall = time.monotonic()
-        self.server = cpu_seconds(self.pid)
-        self.own = own_cpu_seconds()
+        self.server_cpu = cpu_seconds(self.server)
+        self.generator_cpu = sum(cpu_seconds(pid) for pid in self.generator)
+        self.cores = core_times()
 
-    def stop(self) -> tuple[float, float]:
-        """(server CPU %, generator CPU %) of one core since start()."""
+    def stop(self) -> dict[str, float]:
         wall = time.monotonic() - self.wall
-        server = (cpu_seconds(self.pid) - self.server) / wall * 100
-        own = (own_cpu_seconds() - self.own) / wall * 100
-        return server, own
+        server = cpu_seconds(self.server) - self.server_cpu
+        generator = sum(cpu_seconds(pid) for pid in self.generator) - self.generator_cpu
+        figures = {
+            "wall_s": round(wall, 3),
+            "server_cpu_s": round(server, 3),
+            "server_cpu_pct": round(server / wall * 100, 1),
+            "generator_cpu_pct": round(generator / wall * 100, 1),
+        }
+        now = core_times()
+        for core, (busy, total) in now.items():
+            busy0, total0 = self.cores.get(core, (0, 0))
+            if total > total0:
+                figures[f"core{core}_busy_pct"] = round((busy - busy0) / (total - total0) * 100, 1)
+        if self.server_core is not None and f"core{self.server_core}_busy_pct" in figures:
+            # What else ran on the server's core (other processes, the kernel's own work):
+            # a figure taken on a busy machine says so here.
+            others = figures[f"core{self.server_core}_busy_pct"] - figures["server_cpu_pct"]
+            figures["others_on_server_core_pct"] = round(max(0.0, others), 1)
+        return figures
+
+
+def tcp_counters() -> dict[str, int]:
+    """The kernel's TCP counters (whole machine) that tell of a full listen queue:
+    connections dropped there are retried by the client after 1, 3, 7... seconds."""
+    wanted = ("ListenOverflows", "ListenDrops", "TCPSynRetrans")
+    with open("/proc/net/netstat") as file:
+        lines = file.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=True))
+            return {name: int(table.get(name, 0)) for name in wanted}
+    return dict.fromkeys(wanted, 0)

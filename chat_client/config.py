@@ -28,6 +28,31 @@ class ClientConfig:
     ping_timeout: float
     probe: int = 0
     probe_interval: float = 0.2
+    rooms_given: bool = True  # False: the default; the UI may use the remembered rooms
+    takeover: bool = False
+    wait: float = 30.0
+    seconds: bool = False
+    title: bool = False
+    log_dir: Path | None = None
+
+
+#: Exit statuses (line mode), as ``--help`` lists them.
+EXIT_UNDELIVERED = 3
+EXIT_NICK = 4
+EXIT_STATE = 5
+
+EPILOG = f"""\
+Each flag can also be set by the environment variable in brackets.
+
+exit status:
+  0  everything typed or piped was acknowledged by the server (stored)
+  2  bad arguments
+  {EXIT_UNDELIVERED}  a message was not delivered: refused, cancelled, or not acknowledged
+     within --wait seconds (the server unreachable, say); stderr says which
+  {EXIT_NICK}  the nick cannot be used: registered to someone else (no secret for it here),
+     connected elsewhere (see --takeover), or invalid
+  {EXIT_STATE}  the nick's secret cannot be stored in the state directory
+"""
 
 
 def in_container() -> bool:
@@ -63,7 +88,8 @@ def parse_config(
             "compose-chat terminal client. Full-screen when run in a terminal; line mode "
             "(one event per line, one message or /command per input line) otherwise."
         ),
-        epilog="Each flag can also be set by the environment variable in brackets.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--url",
@@ -77,8 +103,11 @@ def parse_config(
     )
     parser.add_argument(
         "--rooms",
-        default=env.get("CHAT_ROOMS", DEFAULT_ROOM),
-        help=f"comma-separated rooms to join [CHAT_ROOMS, default {DEFAULT_ROOM}]",
+        default=env.get("CHAT_ROOMS"),
+        help=(
+            f"comma-separated rooms to join [CHAT_ROOMS; default: {DEFAULT_ROOM}, or in the "
+            "full-screen UI the rooms you were in last time]"
+        ),
     )
     parser.add_argument(
         "--state-dir",
@@ -128,6 +157,43 @@ def parse_config(
         help="seconds without a pong before reconnecting [CHAT_PING_TIMEOUT, default 20]",
     )
     parser.add_argument(
+        "--takeover",
+        action=argparse.BooleanOptionalAction,
+        default=_flag(env.get("CHAT_TAKEOVER", "0")),
+        help=(
+            "if your nick is connected elsewhere, take it over without asking (line mode "
+            "otherwise exits with status 4) [CHAT_TAKEOVER, default off]"
+        ),
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=float(env.get("CHAT_WAIT", "30")),
+        metavar="SECONDS",
+        help=(
+            "line mode: how long to wait for the server to take the messages before giving "
+            "up with status 3; 0: forever [CHAT_WAIT, default 30]"
+        ),
+    )
+    parser.add_argument(
+        "--seconds",
+        action=argparse.BooleanOptionalAction,
+        default=_flag(env.get("CHAT_SECONDS", "0")),
+        help="seconds in the time stamps [CHAT_SECONDS, default off]",
+    )
+    parser.add_argument(
+        "--title",
+        action=argparse.BooleanOptionalAction,
+        default=_flag(env.get("CHAT_TITLE", "0")),
+        help="show the window and activity in the terminal's title [CHAT_TITLE, default off]",
+    )
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        default=Path(env["CHAT_LOG_DIR"]) if env.get("CHAT_LOG_DIR") else None,
+        help="keep a log file per window in this directory [CHAT_LOG_DIR, default none]",
+    )
+    parser.add_argument(
         "--probe",
         type=int,
         default=0,
@@ -142,7 +208,7 @@ def parse_config(
     if not is_valid_nick(args.nick):
         parser.error(f"invalid nick {args.nick!r}: 1-24 of A-Z a-z 0-9 _ -, not starting with -")
     rooms = []
-    for raw in args.rooms.split(","):
+    for raw in (args.rooms or DEFAULT_ROOM).split(","):
         room = normalize_room(raw.strip())
         if room is None:
             parser.error(f"invalid room {raw!r}: 1-32 of a-z 0-9 _ -")
@@ -160,4 +226,10 @@ def parse_config(
         ping_timeout=args.ping_timeout,
         probe=args.probe,
         probe_interval=args.probe_interval,
+        rooms_given=args.rooms is not None,
+        takeover=args.takeover,
+        wait=args.wait,
+        seconds=args.seconds,
+        title=args.title,
+        log_dir=args.log_dir,
     )

@@ -19,10 +19,13 @@ class DemoBot:
         self.room = room
         self.interval = interval
         self.announced = False
+        self.paused = False  # a person is using this client's full-screen UI
 
     def frame(self, frame: Frame) -> None:
         """Watch frames: announce once after the first sync; answer !ping."""
         kind = frame.get("type")
+        if self.paused:
+            return
         if kind == "synced" and not self.announced:
             self.announced = True
             self._say(f"hello from {self.connection.nick}, a demo client (!ping me)")
@@ -37,5 +40,5 @@ class DemoBot:
     async def run(self) -> None:
         for n in itertools.count(1):
             await asyncio.sleep(self.interval)
-            if self.connection.synced:
+            if self.connection.synced and not self.paused:
                 self._say(f"tick {n} from {self.connection.nick}")

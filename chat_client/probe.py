@@ -61,14 +61,16 @@ class Probe:
             await asyncio.sleep(interval)
         deadline = time.monotonic() + limit
         while time.monotonic() < deadline and (  # noqa: ASYNC110
-            any(cid in connection.outbox for cid in cids)
+            any(connection.is_pending(cid) for cid in cids)
             or time.monotonic() - self.last_arrival < quiet
         ):
             await asyncio.sleep(0.1)
         return {
             "nick": connection.nick,
             "sent": count,
-            "acked": sum(cid not in connection.outbox for cid in cids),
+            "acked": sum(
+                not connection.is_pending(cid) and cid not in connection.refused for cid in cids
+            ),
             "received": self.received,
             "duplicated": self.duplicated,
             "out_of_order": self.out_of_order,

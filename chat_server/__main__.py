@@ -31,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Our sessions log each connection and close (with who and why); websockets' own
+    # INFO lines would repeat them, and add two per health check every 5 s in compose.
+    logging.getLogger("websockets.server").setLevel(logging.WARNING)
     try:
         import uvloop  # optional: pip install 'compose-chat[speed]'
     except ImportError:

@@ -78,7 +78,7 @@ def running_stack(**extra_env: str) -> Iterator[Stack]:
         **extra_env,
     }
     s = Stack(project, int(env["CHAT_PUBLISH_PORT"]), env)
-    s.compose("build", timeout=900)
+    s.compose("--profile", "chat", "build", timeout=900)
     try:
         yield s
     finally:

@@ -17,12 +17,32 @@ import pyte
 
 ROWS, COLS = 24, 100
 
+# What a terminal sends for these keys (xterm).
+PGUP, PGDN = "\x1b[5~", "\x1b[6~"
+ALT_HOME, ALT_END = "\x1b[1;3H", "\x1b[1;3F"
+ALT_LEFT, ALT_RIGHT = "\x1b[1;3D", "\x1b[1;3C"
+CTRL_C = "\x03"
+
+
+def alt(key: str) -> str:
+    return "\x1b" + key
+
+
+def paste(text: str) -> str:
+    """Bracketed paste, as a terminal sends it when the application asked for it."""
+    return "\x1b[200~" + text + "\x1b[201~"
+
 
 class Terminal:
     def __init__(
-        self, args: list[str], env: dict[str, str] | None = None, command: list[str] | None = None
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+        rows: int = ROWS,
+        cols: int = COLS,
     ) -> None:
-        self.screen = pyte.Screen(COLS, ROWS)
+        self.screen = pyte.Screen(cols, rows)
         self.stream = pyte.ByteStream(self.screen)
         self.raw = bytearray()
         self.lock = threading.Lock()
@@ -31,7 +51,7 @@ class Terminal:
             command[0],
             command[1:],
             env={**os.environ, "TERM": "xterm-256color", **(env or {})},
-            dimensions=(ROWS, COLS),
+            dimensions=(rows, cols),
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -57,6 +77,21 @@ class Terminal:
 
     def type(self, text: str) -> None:
         self.child.send(text)
+
+    def char_at(self, text: str) -> pyte.screens.Char:
+        """The screen cell where ``text`` first starts (its colours and attributes)."""
+        with self.lock:
+            for y, line in enumerate(self.screen.display):
+                x = line.find(text)
+                if x >= 0:
+                    char: pyte.screens.Char = self.screen.buffer[y][x]
+                    return char
+        raise AssertionError(f"{text!r} is not on the screen:\n{self.text()}")
+
+    def status(self) -> str:
+        """The status bar: the line above the input line."""
+        lines = self.lines()
+        return next(line for line in reversed(lines[:-1]) if "│" in line)
 
     async def wait_for(self, check: Callable[[str], bool], timeout: float = 10.0) -> str:
         try:

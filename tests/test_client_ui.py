@@ -46,14 +46,7 @@ async def ui_client(
     controller = Controller(model, conn)
     conn.on_frame = controller.frame
     conn.on_status = controller.status
-    ui = ChatUI(
-        model,
-        controller.submit,
-        controller.completions,
-        controller.status_text,
-        input=pipe,
-        output=DummyOutput(),
-    )
+    ui = ChatUI(model, controller, input=pipe, output=DummyOutput())
     controller.on_quit = ui.exit
     controller.on_change = ui.refresh
     net = asyncio.create_task(conn.run())

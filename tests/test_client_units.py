@@ -9,8 +9,8 @@ import pytest
 from chat_client.commands import Command, Invalid, Say, parse
 from chat_client.linemode import format_entry
 from chat_client.model import ChatModel, EntryKind
+from chat_client.render import Look, render_entry
 from chat_client.sanitize import clean
-from chat_client.tui import render_entry
 
 HOSTILE = {
     "csi": "\x1b[2J\x1b[H",
@@ -126,8 +126,9 @@ def test_untrusted_text_reaches_fragments_clean() -> None:
     model = ChatModel("alice", "lobby")
     model.apply(msg(1, "x" + HOSTILE["osc 52 clipboard"] + "y", sender="ev\x1b[1mil"))
     entry = model.window("#lobby").lines()[0]
-    for _, text, *_ in render_entry(entry):
-        assert "\x1b" not in text and "\x07" not in text
+    for line in render_entry(entry, Look(80)):
+        for _, text, *_ in line:
+            assert "\x1b" not in text and "\x07" not in text
     line = format_entry(entry)
     assert line is not None and line.endswith("#lobby <evil> xy")
 
@@ -164,3 +165,221 @@ def test_secret_store_keeps_secrets_per_server_and_nick(tmp_path: Any) -> None:
     assert store.get("ws://b:2", "alice") == "s3"
     path = tmp_path / "secrets" / "ws%3A%2F%2Fa%3A1" / "alice"
     assert path.stat().st_mode & 0o777 == 0o600
+
+
+# --- round 2: wrapping, pacing, failures in words, activity, presence, settings ---------
+
+
+def test_wrap_breaks_at_words_keeps_indentation_and_cuts_only_overlong_words() -> None:
+    from chat_client.render import cells, wrap
+
+    assert wrap("the quick brown fox jumps", 10, 10) == ["the quick", "brown fox", "jumps"]
+    assert wrap("prefix takes room here", 6, 12) == ["prefix", "takes room", "here"]
+    assert wrap("code:\n    indented line", 40, 40) == ["code:", "    indented line"]
+    assert wrap("W" * 25, 10, 10) == ["W" * 10, "W" * 10, "W" * 5]
+    wide = wrap("日本語の文章です " * 3, 10, 10)
+    assert all(cells(line) <= 10 for line in wide)
+    assert wrap("", 10, 10) == [""]
+
+
+def dm(id: int, body: str, sender: str = "bob") -> Any:
+    frame = msg(id, body, sender=sender)
+    del frame["room"]
+    return {**frame, "to": "alice"}
+
+
+def test_pacer_mirrors_the_servers_bucket_and_holds_for_retry_after() -> None:
+    from chat_client.connection import Pacer
+
+    pacer = Pacer(rate=10, burst=3)  # runs at 90%: 9/s, 2 at once
+    assert pacer.wait_time() == 0
+    pacer.take()
+    pacer.take()
+    assert 0.05 < pacer.wait_time() <= 1 / 9
+    pacer.hold(5)
+    assert pacer.wait_time() > 4.9
+
+
+def test_limits_come_from_welcome_and_fall_back_on_nonsense() -> None:
+    from chat_client.connection import Limits
+
+    limits = Limits.announced({"max_body_chars": 100, "rate": 2, "burst": True, "x": 1})
+    assert (limits.max_body_chars, limits.rate, limits.burst) == (100, 2.0, 40.0)
+    assert Limits.announced("nonsense") == Limits()
+
+
+def test_connection_failures_are_said_in_words() -> None:
+    import socket
+
+    from websockets.datastructures import Headers
+    from websockets.exceptions import InvalidStatus
+    from websockets.http11 import Response
+
+    from chat_client.connection import describe_failure
+
+    url = "ws://server:8765"
+    gai = socket.gaierror(-2, "Name or service not known")
+    assert (
+        describe_failure(gai, url) == "cannot find the server 'server' (the name does not resolve)"
+    )
+    refused = ConnectionRefusedError(111, "Connection refused")
+    assert (
+        describe_failure(refused, url) == "nothing answers at server:8765 (is the server running?)"
+    )
+    assert describe_failure(TimeoutError(), url) == "no answer from server:8765 (timed out)"
+    busy = InvalidStatus(Response(429, "Too Many Requests", Headers()))
+    assert "too many connections from this address" in describe_failure(busy, url)
+    for exc in (gai, refused):
+        assert "Errno" not in describe_failure(exc, url)
+
+
+def test_activity_levels_and_the_next_window_to_visit() -> None:
+    from chat_client.model import Activity
+
+    model = ChatModel("alice", "lobby")
+    model.window("#dev")
+    model.window("#ops")
+    model.apply({"type": "presence", "event": "join", "room": "ops", "nick": "zed"})
+    model.apply(msg(1, "hi all", room="dev"))
+    model.apply(dm(2, "psst"))
+    model.apply(msg(3, "alice: look", room="lobby"))
+    assert model.window("#ops").activity == Activity.LOW
+    assert model.window("#dev").activity == Activity.MESSAGE
+    assert model.window("@bob").activity == Activity.PRIVATE
+    assert model.window("#lobby").activity == Activity.NONE  # on screen
+    model.switch("#ops")
+    model.apply(msg(4, "ping alice", room="lobby"))
+    assert model.window("#lobby").activity == Activity.HIGHLIGHT
+    assert model.next_active() == "#lobby"
+    model.switch("#lobby")
+    assert model.next_active() == "@bob"  # a DM before ordinary messages
+
+
+def test_joins_in_a_burst_are_one_line_and_line_mode_prints_each_once() -> None:
+    import io
+
+    from chat_client.linemode import LinePrinter
+
+    model = ChatModel("alice", "lobby")
+    out = io.StringIO()
+    model.listeners.append(LinePrinter(out))
+    for nick in ("a", "b"):
+        model.apply({"type": "presence", "event": "join", "room": "lobby", "nick": nick})
+    model.apply({"type": "presence", "event": "join", "room": "lobby", "nicks": ["c", "d"]})
+    lines = model.window("#lobby").lines()
+    assert [e.text for e in lines] == ["netjoin: 4 joined: a, b, c, d"]
+    printed = [line.split(" -- ")[1] for line in out.getvalue().splitlines()]
+    assert printed == ["a joined", "b joined", "c, d joined"]
+
+
+def test_ignored_nicks_and_highlight_words() -> None:
+    model = ChatModel("alice", "lobby")
+    model.ignored = {"mallory"}
+    model.highlights = ["deploy"]
+    model.apply(msg(1, "spam", sender="Mallory"))
+    model.apply(dm(2, "spam", sender="mallory"))
+    model.apply(msg(3, "the deploy is done"))
+    model.apply(msg(4, "redeployed"))
+    assert [e.id for e in model.window("#lobby").lines()] == [3, 4]
+    assert "@mallory" not in model.windows
+    assert [e.mention for e in model.window("#lobby").lines()] == [True, False]
+
+
+def test_a_new_epoch_forgets_message_ids() -> None:
+    model = ChatModel("alice", "lobby")
+    model.apply({"type": "welcome", "nick": "alice", "epoch": "one"})
+    model.apply(msg(1, "old"))
+    model.apply({"type": "welcome", "nick": "alice", "epoch": "two"})
+    model.apply(msg(1, "new"))
+    bodies = [e.text for e in model.window("#lobby").lines() if e.kind == EntryKind.MESSAGE]
+    assert bodies == ["new"]
+
+
+def test_names_follow_the_rooms_history() -> None:
+    model = ChatModel("alice", "lobby")
+    model.apply({"type": "joined", "room": "lobby", "members": ["alice", "bob"]})
+    model.apply({"type": "history", "room": "lobby", "messages": [msg(5)], "more": False})
+    texts = [
+        e.text if e.kind != EntryKind.MESSAGE else e.id for e in model.window("#lobby").lines()
+    ]
+    assert texts == [5, "#lobby: 2 here: alice, bob"]
+
+
+def test_a_refused_send_stays_visible_as_undelivered() -> None:
+    model = ChatModel("alice", "lobby")
+    model.add_pending("c1", "#lobby", "hello", False)
+    model.apply({"type": "error", "code": "body_invalid", "message": "too long", "cid": "c1"})
+    [entry] = model.window("#lobby").lines()
+    assert (entry.kind, entry.note) == (EntryKind.FAILED, "too long")
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("/j dev", Command("/join", "dev")),
+        ("/q bob", Command("/query", "bob")),
+        ("/wc", Command("/close", "")),
+        ("/win 3", Command("/window", "3")),
+        ("/win x", Invalid("usage: /window N")),
+        ("/hilight deploy", Command("/highlight", "deploy")),
+        ("/bye", Command("/quit", "")),
+    ],
+)
+def test_parse_aliases(line: str, expected: object) -> None:
+    assert parse(line) == expected
+
+
+def test_help_lists_every_command_alias_and_key() -> None:
+    from chat_client.commands import KEYS, SPECS, help_lines
+
+    text = "\n".join(help_lines())
+    for spec in SPECS:
+        assert spec.usage in text
+        assert all(alias in text for alias in spec.aliases)
+    assert all(key in text for key, _ in KEYS)
+
+
+def test_settings_round_trip_and_survive_a_broken_file(tmp_path: Any) -> None:
+    from chat_client.settings import Settings
+
+    settings = Settings(tmp_path)
+    settings.set_rooms("ws://a", ["lobby", "dev"])
+    settings.set_words("ignore", ["mallory"])
+    again = Settings(tmp_path)
+    assert again.rooms("ws://a") == ["lobby", "dev"]
+    assert again.rooms("ws://b") == []
+    assert again.words("ignore") == ["mallory"]
+    (tmp_path / "settings.json").write_text("{not json")
+    broken = Settings(tmp_path)
+    assert broken.rooms("ws://a") == [] and broken.problem
+
+
+def test_secret_store_proposes_keeps_and_discards(tmp_path: Any) -> None:
+    from chat_client.secrets import SecretStore, SecretStoreError
+
+    store = SecretStore(tmp_path)
+    secret = store.propose("ws://a:1", "newbie")
+    assert len(secret) == 43 and store.get("ws://a:1", "NEWBIE") == secret
+    store.discard("ws://a:1", "newbie")
+    assert store.get("ws://a:1", "newbie") is None
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SecretStoreError, match="cannot keep your nick's secret"):
+        SecretStore(tmp_path / "file").propose("ws://a:1", "newbie")
+
+
+def test_a_429_retry_after_is_a_floor_for_the_next_try() -> None:
+    from websockets.datastructures import Headers
+    from websockets.exceptions import InvalidStatus
+    from websockets.http11 import Response
+
+    from chat_client.connection import _retry_after
+
+    def status(code: int, retry: str | None) -> InvalidStatus:
+        headers = Headers({"Retry-After": retry} if retry else {})
+        return InvalidStatus(Response(code, "x", headers))
+
+    assert _retry_after(status(429, "7")) == 7.0
+    assert _retry_after(status(429, "99999")) == 300.0
+    assert _retry_after(status(429, None)) == 0.0
+    assert _retry_after(status(503, "7")) == 0.0
+    assert _retry_after(OSError()) == 0.0

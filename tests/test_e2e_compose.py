@@ -8,16 +8,19 @@ stack runs under its own project name and host port, and is removed with its vol
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pexpect
 import pytest
 
 from tests.helpers import Peer, peer
 from tests.stack import Stack
-from tests.terminal import Terminal
+from tests.terminal import ALT_RIGHT, Terminal, alt
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -70,6 +73,16 @@ async def test_up_scale_3_is_healthy_and_everyone_hears_everyone(stack: Stack) -
         log = container_log(name)
         for other in demo_nicks(stack):
             assert f"<{other}>" in log, f"{name} never heard {other}"
+
+
+def hostname(container: str) -> str:
+    done = subprocess.run(
+        ["docker", "inspect", "-f", "{{.Config.Hostname}}", container],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return done.stdout.strip()
 
 
 def container_log(name: str) -> str:
@@ -138,14 +151,37 @@ async def test_history_survives_down_and_is_gone_after_down_v(stack: Stack) -> N
     assert not await history_has_marker()
 
 
-async def test_full_screen_client_with_compose_run(stack: Stack) -> None:
+def person(tmp_path: Path, name: str, uid: int) -> tuple[dict[str, str], str]:
+    """A person's own state directory on the host, and the user their client runs as.
+
+    As root (CI here), the directory belongs to a made-up non-root uid, to show that a
+    non-root container user can keep its secrets there; otherwise, to this user.
+    """
+    home = tmp_path / name
+    home.mkdir(mode=0o700)
+    if os.getuid() == 0:
+        os.chown(home, uid, uid)
+        user = f"{uid}:{uid}"
+    else:
+        user = f"{os.getuid()}:{os.getgid()}"
+    return {"CHAT_STATE_DIR": str(home)}, user
+
+
+def chat_run(stack: Stack, env: dict[str, str], user: str, nick: str) -> Terminal:
+    """The README's command for a person's client: docker compose run … chat --nick NICK."""
+    command = ["docker", "compose", "run", "--rm", "--user", user, "chat", "--nick", nick]
+    return Terminal([], env={**stack.env, **env}, command=command)
+
+
+async def test_full_screen_client_with_compose_run_and_alt_keys(
+    stack: Stack, tmp_path: Path
+) -> None:
     stack.up(1)
     nick = "human-" + uuid.uuid4().hex[:6]
-    term = Terminal(
-        [], env=stack.env, command=["docker", "compose", "run", "--rm", "client", "--nick", nick]
-    )
+    env, user = person(tmp_path, "human", 2001)
+    term = chat_run(stack, env, user, nick)
     try:
-        await term.wait_for(lambda s: f"{nick} | #lobby | connected" in s, timeout=60)
+        await term.wait_for(lambda s: f"│ {nick} │ 2:#lobby" in s and "│ connected" in s, 90)
         async with peer(stack.url, "pinger-" + uuid.uuid4().hex[:6]) as host:
             await host.say("hello human in a container")
             await term.wait_for(lambda s: "hello human in a container" in s)
@@ -154,30 +190,123 @@ async def test_full_screen_client_with_compose_run(stack: Stack) -> None:
             while got["from"] != nick:
                 got = await host.expect("msg", timeout=15)
             assert got["body"] == "hi from inside"
+        # Docker holds Ctrl-P back (its detach prefix): the Alt keys are the ones that work.
+        term.type("/join dev\r")
+        await term.wait_for(lambda s: s.splitlines()[-1].startswith("[#dev]"))
+        term.type(alt("2"))
+        await term.wait_for(lambda s: s.splitlines()[-1].startswith("[#lobby]"))
+        term.type(ALT_RIGHT)
+        await term.wait_for(lambda s: s.splitlines()[-1].startswith("[#dev]"))
+        term.type(alt("1"))
+        await term.wait_for(lambda s: s.splitlines()[-1].startswith("[server]"))
         term.type("/quit\r")
         term.child.expect(pexpect.EOF, timeout=30)
     finally:
         term.close()
 
 
-async def test_attach_to_a_replica_opens_the_full_screen_ui(stack: Stack) -> None:
+async def test_alice_cannot_take_bobs_nick_and_replicas_keep_their_own_secrets(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Issue 10.9: on the deployment, a person's secret is only in that person's directory."""
+    stack.up(2)
+    bob_env, bob_user = person(tmp_path, "bob", 2001)
+    alice_env, alice_user = person(tmp_path, "alice", 2002)
+    bob = chat_run(stack, bob_env, bob_user, "bob")
+    alice = None
+    try:
+        await bob.wait_for(lambda s: "│ bob │" in s and "│ connected" in s, timeout=90)
+        alice = chat_run(stack, alice_env, alice_user, "alice")
+        await alice.wait_for(lambda s: "│ alice │" in s and "│ connected" in s, timeout=90)
+        alice.type("/nick bob\r")
+        await alice.wait_for(lambda s: "the nick bob is registered to someone else" in s)
+        alice.type("still alice\r")
+        await bob.wait_for(lambda s: "<alice> still alice" in s)
+        assert "│ connected" in bob.status() and "│ bob │" in bob.status()
+        secrets = [p for p in (tmp_path / "alice").rglob("*") if p.is_file()]
+        assert all(p.name != "bob" for p in secrets), secrets
+        [bobs] = [p for p in (tmp_path / "bob").rglob("bob") if p.is_file()]
+        assert bobs.stat().st_mode & 0o777 == 0o600
+        alice.type("/quit\r")
+        bob.type("/quit\r")
+    finally:
+        bob.close()
+        if alice is not None:
+            alice.close()
+
+    # Demo replicas: each has its own volume; one cannot take another's nick.
+    second = next(c for c in stack.containers("client") if str(c["Name"]).endswith("-2"))
+    other = "client-" + hostname(str(second["Name"]))[:8]
+    command = ["docker", "compose", "attach", "--index", "1", "client"]
+    term = Terminal([], env=stack.env, command=command)
+    try:
+        await term.wait_for(lambda s: "press Enter to chat here" in s, timeout=30)
+        term.type("\r")
+        await term.wait_for(lambda s: "│ connected" in s, timeout=30)
+        term.type(f"/nick {other}\r")
+        await term.wait_for(lambda s: f"the nick {other} is registered to someone else" in s)
+        term.type("/quit\r")
+        await term.wait_for(lambda s: "back in demo mode" in s, timeout=30)
+        term.child.sendcontrol("p")
+        term.child.sendcontrol("q")
+        term.child.expect(pexpect.EOF, timeout=15)
+    finally:
+        term.close()
+
+
+async def test_attach_hints_opens_the_ui_and_quit_goes_back_to_demo(stack: Stack) -> None:
     stack.up(2)
     term = Terminal(
         [], env=stack.env, command=["docker", "compose", "attach", "--index", "2", "client"]
     )
     try:
-        await asyncio.sleep(2)
+        # Attaching resizes the terminal: the replica says again what to do.
+        await term.wait_for(lambda s: "press Enter to chat here" in s, timeout=30)
         term.type("\r")  # Enter opens the UI
-        await term.wait_for(lambda s: "| #lobby | connected" in s, timeout=30)
+        await term.wait_for(lambda s: "2:#lobby" in s and "│ connected" in s, timeout=30)
         async with peer(stack.url, "visitor-" + uuid.uuid4().hex[:6]) as host:
             await host.say("can the attached one see this")
             await term.wait_for(lambda s: "can the attached one see this" in s)
+        # /quit in an attached replica does not stop it: it goes back to its demo.
+        term.type("/quit\r")
+        await term.wait_for(lambda s: "back in demo mode" in s, timeout=30)
+        name = str(stack.containers("client")[1]["Name"])
+        before = container_log(name).count(" tick ")
+        await wait_for(lambda: container_log(name).count(" tick ") > before, timeout=30)
         term.child.sendcontrol("p")
         term.child.sendcontrol("q")  # docker's detach keys: the replica keeps running
         term.child.expect(pexpect.EOF, timeout=15)
         assert len([c for c in stack.containers("client") if c["State"] == "running"]) == 2
     finally:
         term.close()
+
+
+async def test_foreground_up_shows_no_full_screen_ui_and_no_health_check_lines(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Issue 12.8: the operator's `docker compose up` stays a readable log."""
+    stack.up(1)
+    up = Terminal([], env=stack.env, command=["docker", "compose", "up", "--scale", "client=1"])
+    env, user = person(tmp_path, "visitor", 2003)
+    visitor = None
+    try:
+        await up.wait_for(lambda s: "tick" in s, timeout=60)
+        visitor = chat_run(stack, env, user, "visitor")
+        await visitor.wait_for(lambda s: "│ connected" in s, timeout=90)
+        visitor.type("hello from a run container\r")
+        await up.wait_for(lambda s: "<visitor> hello from a run container" in s, timeout=30)
+        visitor.type("/quit\r")
+        visitor.child.expect(pexpect.EOF, timeout=30)
+        await asyncio.sleep(12)  # two health checks
+        raw = bytes(up.raw)
+        assert b"\x1b[?1049h" not in raw, "a full-screen UI reached the operator's terminal"
+        text = raw.decode(errors="replace")
+        assert "HTTP response sent" not in text and "connection closed" not in text
+        assert "visitor" in text  # the server's own line says who came
+    finally:
+        if visitor is not None:
+            visitor.close()
+        up.child.kill(signal.SIGKILL)  # leave the stack running for the other tests
 
 
 @pytest.mark.parametrize(

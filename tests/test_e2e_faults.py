@@ -146,6 +146,16 @@ def health(port: int) -> int:
         return error.code
 
 
+async def health_becomes(port: int, status: int, within: float = 5.0) -> bool:
+    """/healthz answers ``status`` within a few seconds (its answer is reused for 1 s)."""
+    deadline = time.monotonic() + within
+    while health(port) != status:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.2)
+    return True
+
+
 async def test_disk_full_stops_acks_then_recovers(chaos: Stack) -> None:
     """The server alone, its database on a 2 MiB tmpfs that we fill and then free."""
     port = free_port()
@@ -188,10 +198,10 @@ async def test_disk_full_stops_acks_then_recovers(chaos: Stack) -> None:
                     break
             assert refused is not None, "the disk never filled"
             assert refused["code"] == "unavailable"
-            assert health(port) == 503
+            assert await health_becomes(port, 503)
             assert "database not writable" in docker("logs", name)
             docker("exec", name, "rm", "/data/filler")
-            assert health(port) == 200
+            assert await health_becomes(port, 200)
             again = await p.say("stored after space came back")
             assert again["id"] > first["id"]
         check = (
