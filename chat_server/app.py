@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 
 #: How long /healthz waits for its probe write before it answers 503.
 HEALTH_TIMEOUT = 3.0
-#: How long a /healthz answer is reused: a flood of checks costs one write per second.
+#: How long a successful /healthz probe is reused: a flood of checks costs one write a
+#: second. A failure is not reused: the next check probes again (a failed probe commits
+#: nothing), so recovery shows at once.
 HEALTH_CACHE = 1.0
 
 
@@ -80,7 +82,7 @@ class ChatServer:
         self.connections: set[ServerConnection] = set()
         #: Background closes started by sessions (kicks).
         self.closing: set[asyncio.Task[None]] = set()
-        self._health: tuple[float, str | None] | None = None  # (when, error or None)
+        self._healthy_at: float | None = None  # when a probe last committed
         self._health_probe: asyncio.Task[str | None] | None = None
 
     @property
@@ -152,13 +154,23 @@ class ChatServer:
             connection.counted_ip = None
 
     async def health(self) -> str | None:
-        """None while the database commits a probe write, else why not; cached a second."""
-        loop = asyncio.get_running_loop()
-        if self._health is not None and loop.time() - self._health[0] < HEALTH_CACHE:
-            return self._health[1]
+        """None while the database commits a probe write, else why not.
+
+        A success is reused for ``HEALTH_CACHE`` seconds, unless a write has failed since;
+        checks that arrive together share one probe.
+        """
+        healthy_at = self._healthy_at
+        now = asyncio.get_running_loop().time()
+        fresh = healthy_at is not None and now - healthy_at < HEALTH_CACHE
+        if fresh and self.store.writable and self._stream_healthy():
+            return None
         if self._health_probe is None:
             self._health_probe = asyncio.create_task(self._probe())
         return await asyncio.shield(self._health_probe)
+
+    def _stream_healthy(self) -> bool:
+        """In a cluster, whether this replica hears the other replicas' commits."""
+        return self.cluster is None or self.cluster.healthy
 
     async def _probe(self) -> str | None:
         error: str | None = None
@@ -167,9 +179,9 @@ class ChatServer:
                 await self.store.probe()
         except (StoreUnavailable, StoreFailed, TimeoutError) as exc:
             error = self.store.last_error or str(exc) or type(exc).__name__
-        if error is None and self.cluster is not None and not self.cluster.healthy:
+        if error is None and not self._stream_healthy():
             error = "the live message stream between replicas (LISTEN) is not connected"
-        self._health = (asyncio.get_running_loop().time(), error)
+        self._healthy_at = asyncio.get_running_loop().time() if error is None else None
         self._health_probe = None
         return error
 
@@ -229,9 +241,16 @@ class ChatServer:
             )
             for connection in list(self.connections):
                 connection.transport.abort()
-            await server.wait_closed()
             for task in self.closing:
                 task.cancel()
+            try:
+                async with asyncio.timeout(0.5):
+                    await server.wait_closed()
+            except TimeoutError:  # a handler that ignores its closed socket: a bug, not a hang
+                log.error("cancelling %d connection handlers", len(server.handler_tasks))
+                for task in server.handler_tasks:
+                    task.cancel()
+                await server.wait_closed()
 
 
 class TrackedConnection(ServerConnection):

@@ -68,8 +68,8 @@ class ServerConfig:
     catchup_rate: float = 20.0
     catchup_burst: int = 200
     #: New rooms and new nick registrations per hour from one address.
-    rooms_per_hour: int = 200
-    nicks_per_hour: int = 100
+    rooms_per_hour: int = 500
+    nicks_per_hour: int = 300
     #: HTTP requests (WebSocket handshakes and /healthz) per second (and burst) per address.
     http_rate: float = 20.0
     http_burst: int = 200

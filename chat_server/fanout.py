@@ -17,6 +17,7 @@ is.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
@@ -28,6 +29,22 @@ log = logging.getLogger(__name__)
 
 #: A frame waiting in a hold: its bytes, and the stored message it carries, if any.
 Held = tuple[bytes, StoredMessage | None]
+
+
+class Hold:
+    """Frames kept for a member during its catch-up, in order, with their total size."""
+
+    __slots__ = ("frames", "size")
+
+    def __init__(self) -> None:
+        self.frames: list[Held] = []
+        self.size = 0
+
+    def append(self, data: bytes, message: StoredMessage | None) -> None:
+        self.frames.append((data, message))
+        self.size += len(data)
+
+
 #: One frame for some recipients: who, the encoded frame, the stored message it carries.
 Delivery = tuple[Iterable["Member"], bytes, StoredMessage | None]
 
@@ -36,7 +53,7 @@ class Member(Protocol):
     link: Link
     nick: str
     nick_key: str
-    hold: list[Held] | None
+    hold: Hold | None
     #: The rooms this member is in, kept by the hub.
     rooms: list[str]
 
@@ -62,18 +79,27 @@ class Hub:
         self.buffer_limit = buffer_limit
         self.online: dict[str, Member] = {}
         self.rooms: dict[str, dict[str, Member]] = {}
+        #: Nicks in case-insensitive order, per room and (under None) of everyone online,
+        #: kept as members come and go: a page of members is a bisect and a slice, not a
+        #: sort of the whole room for every joiner (a mass join would cost N² log N).
+        self._sorted: dict[str | None, list[str]] = {None: []}
         #: In a cluster: the other replicas' members, so that who/rooms/joined see them.
         self.remote: RemoteView | None = None
 
     # --- membership ------------------------------------------------------------------
 
     def add(self, member: Member) -> None:
+        other = self.online.get(member.nick_key)
+        if other is not None:
+            self._unlist(None, other.nick)
         self.online[member.nick_key] = member
+        insort(self._sorted[None], member.nick, key=str.lower)
 
     def remove(self, member: Member) -> list[str]:
         """Forget a member everywhere, silently; returns the rooms it was in."""
         if self.online.get(member.nick_key) is member:
             del self.online[member.nick_key]
+            self._unlist(None, member.nick)
         left = list(member.rooms)
         for room in left:
             self.leave(member, room)
@@ -82,9 +108,13 @@ class Hub:
     def join(self, member: Member, room: str) -> bool:
         """Put a member in a room; False if it was in it already."""
         members = self.rooms.setdefault(room, {})
-        if members.get(member.nick_key) is member:
+        other = members.get(member.nick_key)
+        if other is member:
             return False
+        if other is not None:
+            self._unlist(room, other.nick)
         members[member.nick_key] = member
+        insort(self._sorted.setdefault(room, []), member.nick, key=str.lower)
         member.rooms.append(room)
         return True
 
@@ -95,21 +125,41 @@ class Hub:
         if self.is_member(member, room):
             members = self.rooms[room]
             del members[member.nick_key]
+            self._unlist(room, member.nick)
             if not members:
                 del self.rooms[room]
         if room in member.rooms:
             member.rooms.remove(room)
+
+    def _unlist(self, room: str | None, nick: str) -> None:
+        nicks = self._sorted.get(room)
+        if nicks is None:
+            return
+        key = nick.lower()
+        at = bisect_left(nicks, key, key=str.lower)
+        if at < len(nicks) and nicks[at].lower() == key:
+            del nicks[at]
+        if not nicks and room is not None:
+            del self._sorted[room]
 
     def members(self, room: str | None) -> list[str]:
         """A room's nicks (everybody online if ``room`` is None), case-insensitive order.
 
         In a cluster, the members on every replica.
         """
-        pool = self.online if room is None else self.rooms.get(room, {})
-        nicks = {m.nick.lower(): m.nick for m in pool.values()}
-        if self.remote is not None:
-            for nick in self.remote.nicks(room):
-                nicks.setdefault(nick.lower(), nick)
+        return list(self._listed(room))
+
+    def _listed(self, room: str | None) -> list[str]:
+        """The sorted nicks of ``room``: this process's own list as it is (not a copy),
+        merged with the other replicas' members in a cluster."""
+        here = self._sorted.get(room, [])
+        if self.remote is None:
+            return here
+        elsewhere = self.remote.nicks(room)
+        if not elsewhere:
+            return here
+        nicks = {nick.lower(): nick for nick in elsewhere}
+        nicks.update((nick.lower(), nick) for nick in here)
         return sorted(nicks.values(), key=str.lower)
 
     def is_online(self, key: str) -> bool:
@@ -120,11 +170,9 @@ class Hub:
         self, room: str | None, after: str | None, limit: int
     ) -> tuple[list[str], bool]:
         """:meth:`members` after the nick ``after``: at most ``limit``, and whether more follow."""
-        nicks = self.members(room)
-        if after is not None:
-            low = after.lower()
-            nicks = [nick for nick in nicks if nick.lower() > low]
-        return nicks[:limit], len(nicks) > limit
+        nicks = self._listed(room)
+        start = bisect_right(nicks, after.lower(), key=str.lower) if after is not None else 0
+        return nicks[start : start + limit], start + limit < len(nicks)
 
     def count(self, room: str) -> int:
         here = len(self.rooms.get(room, {}))
@@ -182,7 +230,7 @@ class Hub:
                     else:
                         frames.append(data)
                 else:
-                    member.hold.append((data, message))
+                    member.hold.append(data, message)
                     held.append(member)
         limit = self.buffer_limit
         for member, frames in queues.items():
@@ -199,10 +247,7 @@ class Hub:
         While a member holds, only the hold counts: the catch-up's own bytes sitting in
         the socket buffer are paced by the session and are not the client's fault.
         """
-        if member.hold is not None:
-            unsent = sum(len(data) for data, _ in member.hold)
-        else:
-            unsent = member.link.buffered()
+        unsent = member.hold.size if member.hold is not None else member.link.buffered()
         if unsent > self.buffer_limit:
             self.drop(member)
 

@@ -97,12 +97,20 @@ class WebSocketLink:
 
     async def serve(self, session: Session) -> None:
         """Feed the session every message until the connection closes."""
+        request = self.connection.request
+        agent = request.headers.get("User-Agent", "?") if request is not None else "?"
+        log.info("connection from %s (%s)", self.remote, agent)
+        # The handshake's HTTP headers are not used after this point; holding them costs
+        # about 2 KiB per connection for as long as it stays open.
+        for handshake in (request, self.connection.response):
+            if handshake is not None:
+                handshake.headers.clear()
         session.opened()
         try:
             async for data in self.connection:
                 session.received(data)
                 if self._reading is not None and not self._reading.is_set():
-                    await self._reading.wait()
+                    await self._resumed_or_closed(self._reading)
         except ConnectionClosed:
             pass
         finally:
@@ -111,6 +119,18 @@ class WebSocketLink:
                 # Close here too: returning first would let websockets close with 1000.
                 await self.connection.close(*self.close_request)
             session.log_close(self.connection.close_code, self.connection.close_reason)
+
+    async def _resumed_or_closed(self, reading: asyncio.Event) -> None:
+        """Wait until the session wants frames again, or the connection is gone."""
+        waits = {
+            asyncio.ensure_future(reading.wait()),
+            asyncio.ensure_future(self.connection.wait_closed()),
+        }
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
 
 def write_frames(connection: ServerConnection, frames: Sequence[bytes]) -> None:

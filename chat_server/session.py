@@ -29,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +55,7 @@ from chat_protocol.names import nick_key
 from chat_server import metrics
 from chat_server.backends.base import ChatStore, ClaimStatus, NickClaim, StoreUnavailable
 from chat_server.config import ServerConfig
-from chat_server.fanout import Held, Hub, Member
+from chat_server.fanout import Hold, Hub, Member
 from chat_server.link import Link
 from chat_server.messages import Draft, Scope, StoredMessage
 from chat_server.presence import Presence
@@ -136,13 +137,14 @@ class Session:
         #: Direct messages with a larger id belong to this nick's registration.
         self.since = 0
         self.rooms: list[str] = []
-        self.hold: list[Held] | None = None
+        self.hold: Hold | None = None
         self.bucket = TokenBucket(ctx.config.rate, ctx.config.burst)
         self.strikes = 0
         self.gone = False
         self.hello_timer: asyncio.TimerHandle | None = None
-        self.queue: deque[tuple[Slot, ClientFrame]] = deque()
-        self.replies: deque[Slot] = deque()
+        # Both exist only while something is pending: an idle connection holds neither.
+        self.queue: deque[tuple[Slot, ClientFrame]] | None = None
+        self.replies: deque[Slot] | None = None
         self.worker: asyncio.Task[None] | None = None
 
     # --- the connection's life, as the link reports it ------------------------------------
@@ -158,6 +160,8 @@ class Session:
         if self.gone:
             return
         slot = Slot(self)
+        if self.replies is None:
+            self.replies = deque()
         self.replies.append(slot)
         try:
             request = self._admit(slot, data)
@@ -167,10 +171,12 @@ class Session:
             return
         if request is None:
             return
+        if self.queue is None:
+            self.queue = deque()
         self.queue.append((slot, request))
         if self.worker is None:
             self.worker = asyncio.create_task(self._work())
-        if len(self.replies) >= BACKLOG_HIGH:
+        if self.replies is not None and len(self.replies) >= BACKLOG_HIGH:
             self.link.pause_reading()
 
     def closed(self) -> None:
@@ -179,8 +185,8 @@ class Session:
             self.hello_timer.cancel()
             self.hello_timer = None
         self.gone = True
-        self.queue.clear()
-        self.replies.clear()
+        self.queue = self.replies = None
+        self.link.resume_reading()
         if self.worker is not None:
             self.worker.cancel()
             self.worker = None
@@ -264,12 +270,16 @@ class Session:
         """Take the answers that are now first in line, in order."""
         data: list[bytes] = []
         replies = self.replies
+        if replies is None:
+            return data
         while replies and replies[0].done:
             data.extend(replies.popleft().frames)
         if replies:
             turn = replies[0].turn
             if turn is not None and not turn.done():
                 turn.set_result(None)
+        else:
+            self.replies = None
         if len(replies) <= BACKLOG_LOW:
             self.link.resume_reading()
         return data
@@ -310,6 +320,8 @@ class Session:
         try:
             while self.queue:
                 slot, request = self.queue.popleft()
+                if not self.queue:
+                    self.queue = None
                 try:
                     await self._handle(slot, request)
                 except ProtocolError as exc:
@@ -434,7 +446,7 @@ class Session:
         if self.hello_timer is not None:
             self.hello_timer.cancel()
             self.hello_timer = None
-        self.hold = []
+        self.hold = Hold()
         hub.add(self)
         for room in hello.rooms:
             hub.join(self, room)
@@ -528,20 +540,23 @@ class Session:
         truncated = False
         kept: list[bytes] | None = []
         # First pass, newest first: how far back the budgets reach.
-        async for page in self._pages(scope, after=after, page=64):
-            for message in page:
-                data = encode(message.frame())
-                if count == config.resume_cap or (count and size + len(data) > config.resume_bytes):
-                    truncated = True
+        async with aclosing(self._pages(scope, after=after, page=16)) as pages:
+            async for page in pages:
+                for message in page:
+                    data = encode(message.frame())
+                    if count == config.resume_cap or (
+                        count and size + len(data) > config.resume_bytes
+                    ):
+                        truncated = True
+                        break
+                    count, size = count + 1, size + len(data)
+                    newest, oldest = newest or message.id, message.id
+                    if kept is not None and size <= REPLAY_KEEP_BYTES:
+                        kept.append(data)
+                    else:
+                        kept = None
+                if truncated:
                     break
-                count, size = count + 1, size + len(data)
-                newest, oldest = newest or message.id, message.id
-                if kept is not None and size <= REPLAY_KEEP_BYTES:
-                    kept.append(data)
-                else:
-                    kept = None
-            if truncated:
-                break
         if truncated:
             metrics.RESUME_GAPS.inc()
             self.link.write([encode({"type": "gap", "after": after, "before": oldest})])
@@ -550,7 +565,7 @@ class Session:
         elif count:
             # Second pass, oldest first, a page at a time: never the whole replay in memory.
             async for page in self._pages(
-                scope, after=oldest - 1, before=newest + 1, oldest_first=True, page=64
+                scope, after=oldest - 1, before=newest + 1, oldest_first=True, page=16
             ):
                 await self._paced([encode(message.frame()) for message in page])
         high = max(after, newest)
@@ -593,10 +608,11 @@ class Session:
         size = 2  # the brackets of the messages array; each message adds itself and a comma
         more = False
         newest = 0
-        async with self.ctx.catchups:
-            async for page in self.ctx.store.messages(
-                scope, before=before, page=min(limit + 1, 32)
-            ):
+        # A first page about as large as the budget holds of typical messages.
+        first = max(2, min(limit + 1, budget // 2048))
+        pages = self.ctx.store.messages(scope, before=before, page=first)
+        async with self.ctx.catchups, aclosing(pages):
+            async for page in pages:
                 for message in page:
                     data = b"" if len(taken) == limit else encode(message.frame())
                     if len(taken) == limit or (taken and size + len(data) + 1 > budget):
@@ -616,7 +632,7 @@ class Session:
         )
         return frame, newest
 
-    async def _pages(self, scope: Scope, **query: Any) -> AsyncIterator[list[StoredMessage]]:
+    async def _pages(self, scope: Scope, **query: Any) -> AsyncGenerator[list[StoredMessage], None]:
         """The store's pages of a scope, each read under the server-wide catch-up cap."""
         pages = self.ctx.store.messages(scope, **query)
         try:
@@ -638,7 +654,7 @@ class Session:
 
     def _release(self, covered: Covered) -> None:
         """End a hold: write what live traffic came in, minus what the catch-up sent."""
-        held, self.hold = self.hold or [], None
+        held, self.hold = self.hold.frames if self.hold else [], None
         data = [frame for frame, message in held if message is None or not covered(message)]
         if data and not self.gone:
             self.link.write(data)
@@ -688,7 +704,7 @@ class Session:
         await self._new_rooms([join.room], 1)
         if self.ctx.cluster is not None and not already:
             await self.ctx.cluster.room(self, join.room, joined=True)
-        self.hold = []
+        self.hold = Hold()
         covered: Covered = _nothing
         try:
             hub.join(self, join.room)

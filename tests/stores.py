@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from tests.pg import query
@@ -40,3 +43,24 @@ async def db_rows(db: Path | str, sql: str, *params: object) -> list[tuple[Any, 
         tuple(v.decode() if isinstance(v, bytes) else v for v in row)
         for row in await query(db, sql, *params)
     ]
+
+
+@asynccontextmanager
+async def writes_blocked(db: Path | str) -> AsyncIterator[None]:
+    """Hold a lock that keeps the server's message writes waiting (reads go on)."""
+    if isinstance(db, Path):
+        blocker = sqlite3.connect(db, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")  # the writer waits (busy_timeout: 5 s)
+        try:
+            yield
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        return
+    conn = await asyncpg.connect(db)
+    try:
+        await conn.execute("BEGIN; LOCK TABLE messages IN EXCLUSIVE MODE")
+        yield
+        await conn.execute("ROLLBACK")
+    finally:
+        await conn.close()

@@ -369,11 +369,23 @@ async def test_slow_reader_is_dropped_and_others_keep_up(db: Path) -> None:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", chat.port))
+        # Readers that read get the headroom of an ordinary socket, so that a moment's
+        # scheduling delay in this test process is not mistaken for a stuck reader.
+        roomy = []
+        for _ in range(2):
+            reader = socket.socket()
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+            reader.connect(("127.0.0.1", chat.port))
+            roomy.append(reader)
         async with (
             connect(url(chat), sock=sock) as ws,
-            peer(chat, "fast") as fast,
-            peer(chat, "w") as w,
+            connect(url(chat), sock=roomy[0], max_size=None) as fast_ws,
+            connect(url(chat), sock=roomy[1], max_size=None) as w_ws,
         ):
+            fast, w = Peer(fast_ws), Peer(w_ws)
+            for p, nick in ((fast, "fast"), (w, "w")):
+                await p.send({"type": "hello", "nick": nick})
+                await p.until("synced")
             stuck = Peer(ws)
             await stuck.send({"type": "hello", "nick": "stuck"})
             await stuck.until("synced")

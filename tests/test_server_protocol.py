@@ -15,7 +15,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.helpers import NO_LIMITS, Frame, Peer, peer, server, url
-from tests.stores import db_on_both_stores, db_rows  # noqa: F401 (db: SQLite and PostgreSQL)
+from tests.stores import db_on_both_stores, db_rows, writes_blocked  # noqa: F401 (db: SQLite and PostgreSQL)
 
 
 def compact(value: object) -> bytes:
@@ -371,3 +371,31 @@ async def test_presence_comes_before_a_message_from_the_new_member(db: Path) -> 
         await bob.say("hi")
         frames = await watch.until("msg")
         assert [f["type"] for f in frames] == ["presence", "msg"]
+
+
+async def test_a_backlog_pauses_reading_then_everything_is_answered_in_order(db: Path) -> None:
+    """Hundreds of requests behind a send the database holds up: the server stops reading,
+    then answers all of them in order; a paused session that is replaced ends at once."""
+    secret = "b" + uuid.uuid4().hex  # proposed: confirmed at once, checked without a write
+    async with server(db, **NO_LIMITS) as chat:
+        async with peer(chat, "alice") as alice, peer(chat, "bob", secret=secret) as bob:
+            assert chat.server is not None
+            async with writes_blocked(db):
+                for p in (alice, bob):
+                    await p.send({"type": "send", "cid": "held", "room": "lobby", "body": "x"})
+                    for n in range(400):
+                        await p.send({"type": "who", "ref": str(n)})
+                await asyncio.sleep(0.5)
+                handlers = len(chat.server.handler_tasks)
+                # bob comes back elsewhere: his paused session is closed and its handler ends.
+                async with peer(chat, "bob", secret=secret, history=0):
+                    assert await bob.closed() == 4001
+                    await asyncio.sleep(0.3)
+                    assert len(chat.server.handler_tasks) == handlers
+            frames = await alice.until("members", timeout=10)
+            answers = [f for f in frames if f["type"] not in ("msg", "presence")]
+            assert [f["type"] for f in answers] == ["ack", "members"]
+            refs = [answers[1]["ref"]]
+            while len(refs) < 400:
+                refs.append((await reply(alice, "members"))["ref"])
+            assert refs == [str(n) for n in range(400)]

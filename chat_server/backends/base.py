@@ -28,6 +28,10 @@ from typing import Protocol
 
 from chat_server.messages import Committed, Draft, Scope, StoredMessage
 
+#: The most rows one page of ``messages()`` reads: its pages start at the caller's size
+#: and double up to this.
+MAX_PAGE = 256
+
 
 class StoreUnavailable(Exception):
     """The database refused (disk full, read-only file, I/O error, unreachable, locked)."""

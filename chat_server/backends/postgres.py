@@ -44,6 +44,7 @@ import asyncpg
 from chat_protocol.limits import MIN_PROPOSED_SECRET_CHARS
 from chat_server import metrics
 from chat_server.backends.base import (
+    MAX_PAGE,
     ClaimStatus,
     CommitListener,
     NickClaim,
@@ -585,8 +586,20 @@ class PostgresStore:
         """Register ``nick`` or check ``secret``: the rules of the SQLite store's claim.
 
         Claims of one nick are serialized by an advisory lock, so two replicas
-        registering it at once cannot both succeed.
+        registering it at once cannot both succeed. Most claims are a client coming back
+        to a confirmed registration, which never changes: a read answers those, with no
+        transaction and no lock.
         """
+        rows = await self._fetch(
+            "SELECT nick, secret_hash, since_id FROM nicks WHERE nick_key = $1 AND confirmed",
+            key,
+        )
+        for row in rows:
+            if secret is not None and hmac.compare_digest(
+                bytes(row["secret_hash"]), _hash_secret(secret)
+            ):
+                return NickClaim(ClaimStatus.GRANTED, row["nick"], since=row["since_id"])
+            return NickClaim(ClaimStatus.TAKEN, row["nick"])
 
         async def claim(db: Db) -> NickClaim:
             async with db.transaction():
@@ -816,7 +829,11 @@ class PostgresStore:
         oldest_first: bool = False,
         page: int = 32,
     ) -> AsyncGenerator[list[StoredMessage], None]:
-        """The scope's messages with ``after < id < before``, a page (one query) at a time."""
+        """The scope's messages with ``after < id < before``, a page (one query) at a time.
+
+        The first page holds ``page`` rows, each next one twice as many (up to
+        ``MAX_PAGE``): a caller that needs few rows reads few.
+        """
         where, params = _scope_sql(scope)
         order = "ASC" if oldest_first else "DESC"
         n = len(params)
@@ -832,6 +849,7 @@ class PostgresStore:
             yield messages
             if len(messages) < page:
                 return
+            page = min(page * 2, MAX_PAGE)
             if oldest_first:
                 low = messages[-1].id
             else:

@@ -27,6 +27,9 @@ atomic statement and a single commit; only then does it report the rows to the l
 which fans them out and acknowledges their senders. Message ids are assigned by the
 writer itself (it is the only writer of the file), so a batch needs no per-row round
 trip, and a batch costs one hop to the database thread (measured: docs/benchmarks.md).
+The other operations of a batch share one transaction too, each in its own savepoint.
+A nick claim that can change nothing (a confirmed registration) is answered by a read
+and never queues for the writer.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import aiosqlite
 from chat_protocol.limits import MIN_PROPOSED_SECRET_CHARS
 from chat_server import metrics
 from chat_server.backends.base import (
+    MAX_PAGE,
     ClaimStatus,
     CommitListener,
     NickClaim,
@@ -304,6 +308,19 @@ class Store:
         (a quota), without looking at anything else.
         """
 
+        # Most claims are a client coming back with its secret: a read answers those, with
+        # no transaction in the writer's queue. Anything that may write goes to the writer.
+        rows = await self._reader.execute_fetchall(
+            "SELECT nick, secret_hash, confirmed, created_ts, since_id FROM nicks"
+            " WHERE nick_key = ?",
+            (key,),
+        )
+        for registered, hashed, confirmed, _, since in rows:
+            if confirmed:  # a confirmed registration never changes: nothing to write
+                if secret is not None and hmac.compare_digest(hashed, _hash_secret(secret)):
+                    return NickClaim(ClaimStatus.GRANTED, registered, since=int(since))
+                return NickClaim(ClaimStatus.TAKEN, registered)
+
         async def claim(db: aiosqlite.Connection) -> NickClaim:
             async with db.execute(
                 "SELECT nick, secret_hash, confirmed, created_ts FROM nicks WHERE nick_key = ?",
@@ -397,9 +414,9 @@ class Store:
         drafts = [item for item in batch if isinstance(item, Draft)]
         if drafts:
             await self._write_messages(drafts)
-        for item in batch:
-            if isinstance(item, _Op):
-                await self._run_op(item)
+        ops = [item for item in batch if isinstance(item, _Op)]
+        if ops:
+            await self._run_ops(ops)
 
     def _fail(self, batch: Sequence[Draft | _Op], error: Exception) -> None:
         drafts = [item for item in batch if isinstance(item, Draft)]
@@ -506,30 +523,50 @@ class Store:
             resolved.append(Committed(result.draft, original, fresh))
         return resolved
 
-    async def _run_op(self, op: _Op) -> None:
+    async def _run_ops(self, ops: list[_Op]) -> None:
+        """Run operations in one transaction, one commit for all of them (a storm of new
+        nicks costs a few commits, not one each), each inside its own savepoint: one that
+        fails is rolled back alone and fails alone. Results are given out after the commit.
+        """
         db = self._writer
+        done: list[tuple[_Op, Any]] = []
         try:
             await db.execute("BEGIN IMMEDIATE")
+            for op in ops:
+                await db.execute("SAVEPOINT op")
+                try:
+                    value = await op.run(db)
+                except Exception as exc:
+                    await db.execute("ROLLBACK TO op")
+                    await db.execute("RELEASE op")
+                    self._op_failed(op, exc)
+                    continue
+                await db.execute("RELEASE op")
+                done.append((op, value))
+            await db.execute("COMMIT")
+        except Exception as exc:  # the transaction itself: nothing of it was stored
             try:
-                value = await op.run(db)
-                await db.execute("COMMIT")
-            except BaseException:
                 if db.in_transaction:
                     await db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            self._set_writable(False, f"{type(exc).__name__}: {exc}")
-            if not op.future.done():
-                op.future.set_exception(StoreUnavailable(str(exc)))
-            return
-        except Exception as exc:
-            log.exception("the writer operation %s failed", op.name)
-            if not op.future.done():
-                op.future.set_exception(StoreFailed(f"{type(exc).__name__}: {exc}"))
+            except sqlite3.Error:
+                log.exception("rolling back the writer's transaction failed")
+            for op in ops:
+                self._op_failed(op, exc)
             return
         self._set_writable(True, None)
-        if not op.future.done():
-            op.future.set_result(value)
+        for op, value in done:
+            if not op.future.done():
+                op.future.set_result(value)
+
+    def _op_failed(self, op: _Op, exc: Exception) -> None:
+        if op.future.done():
+            return
+        if isinstance(exc, sqlite3.Error):
+            self._set_writable(False, f"{type(exc).__name__}: {exc}")
+            op.future.set_exception(StoreUnavailable(str(exc)))
+        else:
+            log.error("the writer operation %s failed", op.name, exc_info=exc)
+            op.future.set_exception(StoreFailed(f"{type(exc).__name__}: {exc}"))
 
     def _set_writable(self, writable: bool, error: str | None) -> None:
         if writable != self.writable:
@@ -573,7 +610,8 @@ class Store:
 
         Newest first unless ``oldest_first``. Each page is its own short query (keyset
         paging), so a reader that stops early costs nothing more and no read transaction
-        stays open between pages.
+        stays open between pages. The first page holds ``page`` rows, each next one twice
+        as many (up to ``MAX_PAGE``): a caller that needs few rows reads few.
         """
         where, params = _scope_sql(scope)
         order = "ASC" if oldest_first else "DESC"
@@ -592,6 +630,7 @@ class Store:
             yield messages
             if len(messages) < page:
                 return
+            page = min(page * 2, MAX_PAGE)
             if oldest_first:
                 low = messages[-1].id
             else:

@@ -1,0 +1,94 @@
+"""The hub's membership bookkeeping against a naive model (property-based)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chat_server.fanout import Hub
+
+
+@dataclass(eq=False)
+class FakeMember:
+    nick: str
+    link: object = None
+    hold: object = None
+    rooms: list[str] = field(default_factory=list)
+
+    @property
+    def nick_key(self) -> str:
+        return self.nick.lower()
+
+    def kick(self, code: int, reason: str) -> None:
+        pass
+
+
+NICKS = st.sampled_from(["alice", "Alice", "bob", "BOB", "carol", "dave", "Eve", "eve_"])
+ROOMS = st.sampled_from(["a", "b", "c"])
+STEP = st.tuples(st.sampled_from(["add", "join", "leave", "remove", "page"]), NICKS, ROOMS)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(STEP, max_size=60), after=st.none() | NICKS, limit=st.integers(1, 5))
+def test_member_lists_stay_sorted_and_exact(
+    steps: list[tuple[str, str, str]], after: str | None, limit: int
+) -> None:
+    hub = Hub(buffer_limit=1 << 20)
+    live: dict[str, FakeMember] = {}  # the model: who is online, under which key
+    for action, nick, room in steps:
+        member = live.get(nick.lower())
+        if action == "add" and member is None:
+            member = FakeMember(nick)
+            hub.add(member)
+            live[member.nick_key] = member
+        elif member is None:
+            continue
+        elif action == "join":
+            hub.join(member, room)
+        elif action == "leave":
+            hub.leave(member, room)
+        elif action == "remove":
+            hub.remove(member)
+            del live[member.nick_key]
+        for name in (None, "a", "b", "c"):
+            pool = live.values() if name is None else [m for m in live.values() if name in m.rooms]
+            expected = sorted((m.nick for m in pool), key=str.lower)
+            assert hub.members(name) == expected
+            if name is not None:
+                assert hub.count(name) == len(expected)
+            rest = [n for n in expected if after is None or n.lower() > after.lower()]
+            assert hub.member_page(name, after, limit) == (rest[:limit], len(rest) > limit)
+
+
+@dataclass
+class FakeRemote:
+    """The other replicas of a cluster: nicks per room (None: everyone online there)."""
+
+    rooms: dict[str | None, list[str]]
+
+    def nicks(self, room: str | None) -> list[str]:
+        return list(self.rooms.get(room, []))
+
+    def count(self, room: str) -> int:
+        return len(self.rooms.get(room, []))
+
+    def is_online(self, key: str) -> bool:
+        return any(nick.lower() == key for nick in self.rooms.get(None, []))
+
+
+def test_a_cluster_page_of_members_merges_this_replica_and_the_others() -> None:
+    hub = Hub(buffer_limit=1 << 20)
+    for nick in ("bob", "Dave", "frank"):
+        member = FakeMember(nick)
+        hub.add(member)
+        hub.join(member, "a")
+    hub.remote = FakeRemote({None: ["alice", "Carol", "eve", "bob"], "a": ["alice", "eve"]})
+    assert hub.members(None) == ["alice", "bob", "Carol", "Dave", "eve", "frank"]
+    assert hub.members("a") == ["alice", "bob", "Dave", "eve", "frank"]
+    assert hub.member_page("a", None, 2) == (["alice", "bob"], True)
+    assert hub.member_page("a", "bob", 2) == (["Dave", "eve"], True)
+    assert hub.member_page("a", "eve", 2) == (["frank"], False)
+    assert hub.count("a") == 5 and hub.is_online("carol") and not hub.is_online("zed")
+    assert hub.members("b") == []
