@@ -34,12 +34,16 @@ def encode(frame: Mapping[str, Any]) -> bytes:
     return _encoder.encode(frame).encode()
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
 def decode(data: str | bytes) -> Frame:
     """Parse one frame into a dict that has a string ``type``."""
     if isinstance(data, bytes):
         raise ProtocolError(ErrorCode.BINARY_FRAME, "binary frames are not supported; send text")
     try:
-        frame = json.loads(data)
+        frame = json.loads(data, parse_constant=_not_json)
     except ValueError as exc:
         raise ProtocolError(ErrorCode.BAD_JSON, f"not valid JSON: {exc}") from None
     except RecursionError:  # about a thousand nested arrays or objects

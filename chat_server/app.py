@@ -1,10 +1,12 @@
-"""The server: wires the store, the hub, presence, quotas and sessions to a websockets server.
+"""The server: wires the store, the hub, presence, quotas and sessions to the connection
+layer (``connections.py``: asyncio protocols over websockets' Sans-I/O, no task per
+idle connection).
 
-Shape after the websockets examples: one handler per connection, ``/healthz`` answered in
-``process_request`` on the same port. Shutdown closes the listening socket, drops
-connections that never finished their handshake, closes every client with 1001, waits
-at most ``shutdown_timeout`` for the closing handshakes and then drops what is left, and
-lets the writer commit what is queued before the database is closed.
+``/healthz`` is answered on the same port, before any WebSocket handshake. Shutdown, in
+this order: stop accepting, drop connections that never finished their handshake, close
+every client with 1001, drop within ``shutdown_timeout`` whatever has not finished
+closing, wait for the sessions' cancelled work, then let the writer commit what is queued
+before the database is closed.
 """
 
 from __future__ import annotations
@@ -16,9 +18,7 @@ from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Any
 
-from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
-from websockets.protocol import State
 
 from chat_protocol.limits import MAX_BODY_CHARS, MAX_FRAME_BYTES, MAX_ROOMS, MEMBERS_MAX
 from chat_server import metrics
@@ -27,10 +27,10 @@ from chat_server.backends.base import ChatStore, StoreFailed, StoreUnavailable
 from chat_server.backends.postgres import PostgresStore
 from chat_server.cluster import Cluster
 from chat_server.config import ServerConfig
+from chat_server.connections import Connection, WebSocketServer
 from chat_server.fanout import Delivery, Hub
 from chat_server.forwarded import TrustedProxies
-from chat_server.link import WebSocketLink
-from chat_server.messages import Committed, Draft
+from chat_server.messages import Committed, Draft, EncodedFrames
 from chat_server.presence import Presence
 from chat_server.ratelimit import Limit, Quotas, Rule
 from chat_server.session import Context, Session, Slot
@@ -54,16 +54,19 @@ class ChatServer:
         self.store = store
         self.hub = Hub(config.send_buffer_limit)
         presence = Presence(self.hub)
+        encoded = EncodedFrames()
         #: Set when the store is shared by several replicas (PostgreSQL).
         self.cluster: Cluster | None = None
-        self.quotas = Quotas(_rules(config), max_connections=config.max_connections_per_ip)
+        self.quotas = Quotas(_rules(config))
         if isinstance(store, PostgresStore):
-            self.cluster = Cluster(store, self.hub, presence, timeout=config.replica_timeout)
+            self.cluster = Cluster(
+                store, self.hub, presence, timeout=config.replica_timeout, encoded=encoded
+            )
             self.quotas = SharedQuotas(
                 _rules(config),
                 store,
                 self.cluster.replica,
-                max_connections=config.max_connections_per_ip,
+                connections=lambda: self.server.per_address,
             )
         self.ctx = Context(
             config,
@@ -73,23 +76,28 @@ class ChatServer:
             self.quotas,
             _announced_limits(config),
             cluster=self.cluster,
+            encoded=encoded,
         )
         #: Behind a reverse proxy: the client's address, from X-Forwarded-For.
         self.proxies = TrustedProxies(config.trusted_proxies)
-        self.server: Server | None = None
+        self.server = WebSocketServer(
+            self.open,
+            responder=self.respond,
+            max_size=MAX_FRAME_BYTES,
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
+            close_timeout=config.close_timeout,
+            handshake_timeout=config.handshake_timeout,
+            max_connections_per_address=config.max_connections_per_ip,
+            tick=_tick(config),
+        )
         self._stopped = asyncio.Event()
-        #: Every TCP connection, handshake done or not, so a shutdown can drop them.
-        self.connections: set[ServerConnection] = set()
-        #: Background closes started by sessions (kicks).
-        self.closing: set[asyncio.Task[None]] = set()
         self._healthy_at: float | None = None  # when a probe last committed
         self._health_probe: asyncio.Task[str | None] | None = None
 
     @property
     def port(self) -> int:
-        assert self.server is not None
-        sockets = list(self.server.sockets)
-        return int(sockets[0].getsockname()[1])
+        return self.server.port
 
     def stop(self) -> None:
         """Begin a graceful shutdown (signal handlers call this); safe to call twice."""
@@ -98,25 +106,26 @@ class ChatServer:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    # --- websockets hooks ------------------------------------------------------------
+    # --- connection layer hooks ------------------------------------------------------
 
-    async def handler(self, connection: ServerConnection) -> None:
-        link = WebSocketLink(connection, self.closing)
-        client = connection.client_ip if isinstance(connection, TrackedConnection) else None
-        if client is not None and client != link.ip:  # behind a trusted proxy
-            link.remote = f"{client} via {link.remote}"
-            link.ip = client
-        metrics.CONNECTIONS.inc()
-        try:
-            await link.serve(Session(self.ctx, link))
-        finally:
-            metrics.CONNECTIONS.dec()
+    def open(self, connection: Connection, request: Request) -> Session:
+        """A WebSocket handshake succeeded: its session."""
+        log.info(
+            "connection from %s (%s)", connection.remote, request.headers.get("User-Agent", "?")
+        )
+        session = Session(self.ctx, connection)
+        session.opened()
+        return session
 
-    async def process_request(
-        self, connection: ServerConnection, request: Request
-    ) -> Response | None:
+    async def respond(self, connection: Connection, request: Request) -> Response | None:
+        """Answer plain HTTP (``/healthz``, ``/metrics``, 429 over the HTTP rate), or None:
+        go on with the WebSocket handshake (the layer applies the connection limit per
+        address; in a cluster it is checked here against every replica's count too).
+
+        Behind a trusted proxy the client's address comes from ``X-Forwarded-For``.
+        """
         forwarded = request.headers.get_all("X-Forwarded-For")
-        ip = await self.proxies.client_ip(_ip(connection), forwarded)
+        ip = connection.ip = await self.proxies.client_ip(connection.ip, forwarded)
         wait = await self.quotas.take(Limit.ADDRESS_HTTP, ip)
         if wait:
             response = connection.respond(
@@ -138,20 +147,14 @@ class ChatServer:
                 text = f"database not writable: {error}\n"
                 return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, text)
             return connection.respond(HTTPStatus.OK, "OK\n")
-        if not self.quotas.open(ip):
-            limit = self.config.max_connections_per_ip
-            log.warning("refused %s: already %d connections from it", ip, limit)
-            text = f"too many connections from {ip} (limit {limit})\n"
-            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, text)
-        if isinstance(connection, TrackedConnection):
-            connection.counted_ip = connection.client_ip = ip
+        limit = self.config.max_connections_per_ip
+        if limit and isinstance(self.quotas, SharedQuotas):
+            here = self.server.per_address.get(ip, 0)
+            if here + self.quotas.elsewhere.get(ip, 0) >= limit:
+                log.warning("refused %s: already %d connections from it in the cluster", ip, limit)
+                text = f"too many connections from {ip} (limit {limit})\n"
+                return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, text)
         return None
-
-    def connection_lost(self, connection: TrackedConnection) -> None:
-        self.connections.discard(connection)
-        if connection.counted_ip is not None:
-            self.quotas.close(connection.counted_ip)
-            connection.counted_ip = None
 
     async def health(self) -> str | None:
         """None while the database commits a probe write, else why not.
@@ -196,7 +199,9 @@ class ChatServer:
         # (chat_server.cluster), its own commits included; here only the answers.
         if self.cluster is None:
             deliveries, delivered = hub.deliveries(
-                [r.message for r in results if r.fresh], self.ctx.presence.before_messages
+                [r.message for r in results if r.fresh],
+                self.ctx.presence.before_messages,
+                self.ctx.encoded,
             )
         answered: dict[Session, None] = {}
         for result in results:
@@ -220,64 +225,18 @@ class ChatServer:
             if isinstance(slot, Slot):
                 slot.owner.refused(slot, error)
 
-    # --- shutdown ------------------------------------------------------------------------
 
-    async def shut_down(self, server: Server) -> None:
-        """Close every connection with 1001 within ``shutdown_timeout``, dropping the rest."""
-        server.close()
-        for connection in list(self.connections):
-            if connection.protocol.state is State.CONNECTING:  # no handshake: nothing to say
-                connection.transport.abort()
-        try:
-            async with asyncio.timeout(self.config.shutdown_timeout):
-                await server.wait_closed()
-                if self.closing:
-                    await asyncio.gather(*self.closing, return_exceptions=True)
-        except TimeoutError:
-            log.warning(
-                "dropping %d connections still closing after %.1f s",
-                len(self.connections),
-                self.config.shutdown_timeout,
-            )
-            for connection in list(self.connections):
-                connection.transport.abort()
-            for task in self.closing:
-                task.cancel()
-            try:
-                async with asyncio.timeout(0.5):
-                    await server.wait_closed()
-            except TimeoutError:  # a handler that ignores its closed socket: a bug, not a hang
-                log.error("cancelling %d connection handlers", len(server.handler_tasks))
-                for task in server.handler_tasks:
-                    task.cancel()
-                await server.wait_closed()
-
-
-class TrackedConnection(ServerConnection):
-    """A connection that tells its server when it is made and when it is lost."""
-
-    chat: ChatServer  # set on a subclass per server, see _tracked()
-    #: The address whose connection limit counts this connection, once it is counted.
-    counted_ip: str | None = None
-    #: The client's address (behind a trusted proxy: from X-Forwarded-For).
-    client_ip: str | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.chat.connections.add(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.chat.connection_lost(self)
-        super().connection_lost(exc)
-
-
-def _tracked(chat: ChatServer) -> type[TrackedConnection]:
-    return type("TrackedConnection", (TrackedConnection,), {"chat": chat})
-
-
-def _ip(connection: ServerConnection) -> str:
-    address = connection.remote_address
-    return str(address[0]) if address else "?"
+def _tick(config: ServerConfig) -> float:
+    """How often the connection layer's sweep runs: a quarter of the shortest deadline it
+    enforces, at most once a second and at least every 50 ms."""
+    deadlines = [
+        config.handshake_timeout,
+        config.hello_timeout,
+        config.close_timeout,
+        config.ping_interval,
+        config.ping_timeout,
+    ]
+    return min(1.0, max(0.05, min(d for d in deadlines if d > 0) / 4))
 
 
 def _rules(config: ServerConfig) -> dict[Limit, Rule]:
@@ -328,20 +287,7 @@ async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
             await chat.cluster.start()
         if isinstance(chat.quotas, SharedQuotas):
             chat.quotas.start()
-        server = await serve(
-            chat.handler,
-            config.host,
-            config.port,
-            process_request=chat.process_request,
-            max_size=MAX_FRAME_BYTES,
-            compression=None,
-            ping_interval=config.ping_interval or None,
-            ping_timeout=config.ping_timeout or None,
-            close_timeout=config.close_timeout,
-            open_timeout=config.handshake_timeout,
-            create_connection=_tracked(chat),
-        )
-        chat.server = server
+        await chat.server.listen(config.host, config.port)
         log.info(
             "listening on %s:%d, database %s (last id %d, epoch %s)",
             config.host,
@@ -354,7 +300,7 @@ async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
             yield chat
         finally:
             log.info("shutting down: closing connections with 1001")
-            await chat.shut_down(server)
+            await chat.server.shutdown(grace=config.shutdown_timeout)
     finally:
         if isinstance(chat.quotas, SharedQuotas):
             await chat.quotas.stop()

@@ -66,7 +66,7 @@ from chat_server.backends.postgres import (
     parse_batch,
 )
 from chat_server.fanout import Hub, Member
-from chat_server.messages import StoredMessage
+from chat_server.messages import EncodedFrames, StoredMessage
 from chat_server.presence import Presence
 
 log = logging.getLogger(__name__)
@@ -239,8 +239,11 @@ class Cluster:
         heartbeat: float = 2.0,
         catchup_timeout: float = 10.0,
         replica: str | None = None,
+        encoded: EncodedFrames | None = None,
     ) -> None:
         self.store = store
+        #: ``msg`` frames by id, shared with the sessions' catch-ups (session.Context).
+        self.encoded = encoded if encoded is not None else EncodedFrames()
         self.hub = hub
         self.presence = presence
         self.host = socket.gethostname()
@@ -383,7 +386,9 @@ class Cluster:
         fresh = [m for m in messages if m.id > position]  # a resync overlaps the stream
         if not fresh:
             return
-        deliveries, delivered = self.hub.deliveries(fresh, self.presence.before_messages)
+        deliveries, delivered = self.hub.deliveries(
+            fresh, self.presence.before_messages, self.encoded
+        )
         self.hub.publish_many(deliveries)
         self.position = position = fresh[-1].id
         metrics.DELIVERIES.inc(delivered)

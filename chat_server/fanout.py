@@ -21,8 +21,8 @@ from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-from chat_protocol import CloseCode, encode
-from chat_server.link import Link
+from chat_protocol import CloseCode
+from chat_server.connections import Link
 from chat_server.messages import StoredMessage
 
 log = logging.getLogger(__name__)
@@ -194,17 +194,19 @@ class Hub:
         self,
         messages: Sequence[StoredMessage],
         presence_first: Callable[[set[str]], list[Delivery]],
+        encoded: Callable[[StoredMessage], bytes],
     ) -> tuple[list[Delivery], int]:
         """A committed batch as deliveries, in id order, after its rooms' queued presence
         (``presence_first``: "bob joined" goes before what bob says); and how many
-        ``msg`` frames that makes."""
+        ``msg`` frames that makes. ``encoded`` gives a message's ``msg`` frame (the
+        session context's cache, which catch-ups read too)."""
         rooms = {m.room for m in messages if m.room is not None}
         deliveries = presence_first(rooms)
         count = 0
         for message in messages:
             recipients = self.recipients(message)
             count += len(recipients)
-            deliveries.append((recipients, encode(message.frame()), message))
+            deliveries.append((recipients, encoded(message), message))
         return deliveries, count
 
     def publish(

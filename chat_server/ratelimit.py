@@ -3,9 +3,10 @@
 A :class:`TokenBucket` guards one connection (every frame costs a token). Everything
 that must hold *across* connections (a nick's message rate survives a reconnect; an
 address's catch-ups, new rooms and new nicks are counted whoever sends them) lives in
-one :class:`Quotas` object with a three-method interface (``take``, ``give_back``,
-``open``/``close`` for connection counts), so that a server cluster can put the same
-interface over a shared engine without touching its callers.
+one :class:`Quotas` object with a two-method interface (``take``, ``give_back``), so that
+a server cluster can put the same interface over a shared engine without touching its
+callers. (Open connections per address are counted by the connection layer: they are a
+resource of each server process.)
 """
 
 from __future__ import annotations
@@ -75,16 +76,12 @@ class Quotas:
         self,
         rules: Mapping[Limit, Rule],
         *,
-        max_connections: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.rules = dict(rules)
-        self.max_connections = max_connections
         self._clock = clock
         self._buckets: dict[tuple[Limit, str], tuple[float, float]] = {}
         self._swept = clock()
-        #: Open connections per address.
-        self.connections: dict[str, int] = {}
 
     async def take(self, limit: Limit, key: str, cost: float = 1.0) -> float:
         """Spend ``cost`` tokens: 0.0 when granted, else seconds until it would be.
@@ -113,21 +110,6 @@ class Quotas:
         now = self._clock()
         tokens = self._tokens(limit, key, rule, now)
         self._buckets[(limit, key)] = (min(rule.burst, tokens + cost), now)
-
-    def open(self, address: str) -> bool:
-        """Count a new connection from ``address``; False (not counted) over the limit."""
-        count = self.connections.get(address, 0)
-        if self.max_connections and count >= self.max_connections:
-            return False
-        self.connections[address] = count + 1
-        return True
-
-    def close(self, address: str) -> None:
-        count = self.connections.get(address, 0) - 1
-        if count > 0:
-            self.connections[address] = count
-        else:
-            self.connections.pop(address, None)
 
     def _tokens(self, limit: Limit, key: str, rule: Rule, now: float) -> float:
         state = self._buckets.get((limit, key))

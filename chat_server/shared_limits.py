@@ -21,10 +21,12 @@ its allowance once per replica. Here:
   address can thus overshoot by what it sends within one flush interval, no more.
 * ``ADDRESS_HTTP`` stays per replica: it is the flood guard, and a flood must not turn
   into database writes.
-* Open connections per address are counted cluster-wide from each replica's counts,
-  exchanged through the database every :attr:`SharedQuotas.SYNC_EVERY` seconds: a
-  burst of connections within that second can pass the limit by what the other
-  replicas accepted meanwhile. A dead replica's counts go with it.
+* Open connections per address are counted by each replica's connection layer
+  (``connections.py``); those counts are exchanged through the database every
+  :attr:`SharedQuotas.SYNC_EVERY` seconds, and the server refuses a handshake when its
+  own count plus :attr:`SharedQuotas.elsewhere` reaches the limit. A burst of
+  connections within that second can pass the limit by what the other replicas
+  accepted meanwhile. A dead replica's counts go with it.
 
 When the database is unreachable, the local buckets still hold (and writes fail
 anyway).
@@ -35,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from chat_server.backends.base import StoreFailed, StoreUnavailable
 from chat_server.backends.postgres import PostgresStore
@@ -62,14 +64,17 @@ class SharedQuotas(Quotas):
         store: PostgresStore,
         replica: str,
         *,
-        max_connections: int = 0,
+        connections: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
-        super().__init__(rules, max_connections=max_connections)
+        super().__init__(rules)
         self.store = store
         self.replica = replica
+        #: This replica's open connections per address (the connection layer's count).
+        self._connections = connections
         #: Open connections per address on the other replicas, as of the last exchange.
         self.elsewhere: dict[str, int] = {}
-        self._closed: set[str] = set()  # addresses whose last connection here closed
+        #: The addresses last published with a count: one that is gone is published as 0.
+        self._published: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         #: Granted here, not yet charged to the database: (limit, key) -> tokens.
         self._pending: dict[tuple[Limit, str], float] = {}
@@ -155,26 +160,15 @@ class SharedQuotas(Quotas):
 
     # --- connections ---------------------------------------------------------------------
 
-    def open(self, address: str) -> bool:
-        here = self.connections.get(address, 0)
-        if self.max_connections and here + self.elsewhere.get(address, 0) >= self.max_connections:
-            return False
-        return super().open(address)
-
-    def close(self, address: str) -> None:
-        super().close(address)
-        if address not in self.connections:
-            self._closed.add(address)
-
     async def exchange(self) -> None:
         """Publish this replica's counts; learn the others'."""
-        counts = dict(self.connections)
-        closed, self._closed = self._closed, set()
-        counts.update({address: 0 for address in closed if address not in counts})
+        counts = dict(self._connections())
+        published = counts | {address: 0 for address in self._published - counts.keys()}
         try:
-            self.elsewhere = await self.store.sync_connections(self.replica, counts)
+            self.elsewhere = await self.store.sync_connections(self.replica, published)
         except (StoreUnavailable, StoreFailed):
-            self._closed |= closed  # say it next time
+            return  # the addresses gone since the last exchange are published next time
+        self._published = set(counts)
 
     # --- life ----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import uuid
@@ -22,9 +23,23 @@ ROOT = Path(__file__).parent.parent
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free on every address, below the kernel's ephemeral range.
+
+    A port the kernel handed out (bind to 0) is ephemeral: by the time Docker's proxy binds
+    it, any outgoing connection on this machine (another test's clients, a benchmark) may
+    be using it, and ``docker compose up`` fails with "address already in use".
+    """
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as file:
+        ephemeral = int(file.read().split()[0])
+    for _ in range(200):
+        port = random.randrange(10_000, ephemeral)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 10000-{ephemeral}")
 
 
 @dataclass

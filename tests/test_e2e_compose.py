@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -349,3 +351,15 @@ def test_each_image_holds_only_its_side(
         timeout=60,
     )
     assert user.stdout.strip() != "0", "runs as root"
+
+
+def test_the_server_port_is_published_on_this_host_only_unless_asked(stack: Stack) -> None:
+    """The README promises 127.0.0.1:8765; CHAT_PUBLISH_ADDRESS opens it to other machines."""
+
+    def published(on: Stack) -> list[tuple[str, str]]:
+        ports = json.loads(on.compose("config", "--format", "json"))["services"]["server"]["ports"]
+        return [(port.get("host_ip", "0.0.0.0"), str(port["published"])) for port in ports]
+
+    opened = dataclasses.replace(stack, env={**stack.env, "CHAT_PUBLISH_ADDRESS": "0.0.0.0"})
+    assert published(stack) == [("127.0.0.1", str(stack.port))]
+    assert published(opened) == [("0.0.0.0", str(stack.port))]

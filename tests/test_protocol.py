@@ -30,6 +30,9 @@ def test_send_normalizes_room_and_keeps_body_exact() -> None:
     ("text", "code"),
     [
         ("{not json", ErrorCode.BAD_JSON),
+        ("NaN", ErrorCode.BAD_JSON),
+        ('{"type": "history", "room": "lobby", "before": Infinity}', ErrorCode.BAD_JSON),
+        ('{"type": "history", "room": "lobby", "before": -Infinity}', ErrorCode.BAD_JSON),
         ("[1, 2]", ErrorCode.BAD_FRAME),
         ('{"type": 3}', ErrorCode.BAD_FRAME),
         ('{"type": "dance"}', ErrorCode.BAD_FRAME),

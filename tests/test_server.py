@@ -433,6 +433,30 @@ async def test_healthz_follows_database_writability(tmp_path: Path) -> None:
         assert await asyncio.to_thread(get) == 200
 
 
+async def test_healthz_is_not_answered_from_its_cache_after_a_write_failed(db: Path) -> None:
+    async with server(db) as chat, peer(chat, "alice") as alice:
+        health = f"http://127.0.0.1:{chat.port}/healthz"
+
+        def get() -> int:
+            try:
+                with urllib.request.urlopen(health, timeout=10) as response:
+                    return int(response.status)
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        assert await asyncio.to_thread(get) == 200  # and cached for a second
+        # SQLite refusing every write, as on a volume remounted read-only.
+        writer = chat.store._writer
+        await writer.execute("PRAGMA query_only = ON")
+        await alice.send({"type": "send", "cid": "refused", "room": "lobby", "body": "x"})
+        error = await alice.expect("error", code="unavailable")
+        assert "readonly" in error["message"]
+        assert await asyncio.to_thread(get) == 503  # within the second: not the cached 200
+        await writer.execute("PRAGMA query_only = OFF")
+        await alice.say("stored again")
+        assert await asyncio.to_thread(get) == 200  # not the cached 503 either
+
+
 async def test_unknown_path_is_still_a_websocket_endpoint(db: Path) -> None:
     async with server(db) as chat, connect(url(chat) + "/anything") as ws:
         await ws.send(json.dumps({"type": "hello", "nick": "x" + uuid.uuid4().hex[:6]}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import json
 import socket
 import sqlite3
 import subprocess
@@ -28,7 +29,6 @@ from websockets.exceptions import InvalidStatus
 
 import chat_server.backends.postgres
 import chat_server.backends.sqlite
-import chat_server.link
 import chat_server.session
 from chat_protocol.frames import History, Leave, Who
 from chat_server.app import ChatServer
@@ -512,18 +512,21 @@ def test_no_limits_flags_match_the_settings() -> None:
     assert done.returncode == 0, done.stderr
 
 
-async def test_shutdown_ends_even_a_handler_that_ignores_its_socket(
-    sqlite_db: Path, monkeypatch: pytest.MonkeyPatch
+async def test_shutdown_ends_even_a_request_that_never_returns(
+    db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The class of bug behind a shutdown that hangs: a connection handler that never
+    """The class of bug behind a shutdown that hangs: a connection's task that never
     returns. The shutdown cancels it rather than wait."""
 
-    async def stuck(self: object, session: object) -> None:
+    async def stuck(self: object, slot: object, request: object) -> None:
         await asyncio.Event().wait()  # never notices anything
 
-    monkeypatch.setattr(chat_server.link.WebSocketLink, "serve", stuck)
-    async with server(sqlite_db) as chat:
+    monkeypatch.setattr(chat_server.session.Session, "_handle", stuck)
+    async with server(db) as chat:
         ws = await connect(url(chat))
+        await ws.send(json.dumps({"type": "hello", "nick": "alice"}))
+        await asyncio.sleep(0.2)
+        assert chat.server is not None and chat.server.tasks  # the request is running
         started = time.monotonic()
     elapsed = time.monotonic() - started
     ws.transport.abort()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.helpers import NO_LIMIT_FLAGS, NO_LIMITS, peer, server
@@ -153,3 +155,32 @@ def test_backup_takes_the_server_s_database_setting(tmp_path: Path) -> None:
     done = run("postgresql://chat:s3cret@postgres:5432/chat")
     assert done.returncode == 2
     assert "pg_dump" in done.stderr and "s3cret" not in done.stderr + done.stdout
+
+
+async def test_sigterm_with_idle_half_open_and_silent_sockets_exits_0_within_3s(
+    proc: ServerProcess,
+) -> None:
+    """Whatever sockets are open, the server is gone well inside Docker's 10 s grace."""
+    loop = asyncio.get_running_loop()
+    idle = socket.create_connection(("127.0.0.1", proc.port))  # never says a word
+    partial = socket.create_connection(("127.0.0.1", proc.port))
+    partial.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")  # and stops
+    silent = await connect(proc.url, ping_interval=None)
+    try:
+        assert silent.transport is not None
+        silent.transport.pause_reading()  # it will never answer the close
+        async with peer(proc.url, "alice") as alice:
+            await alice.say("before shutdown")
+            started = time.monotonic()
+            code = await asyncio.to_thread(proc.terminate)
+            elapsed = time.monotonic() - started
+            assert code == 0
+            assert elapsed < 3, f"took {elapsed:.1f}s"
+            assert await alice.closed() == 1001
+        for sock in (idle, partial):
+            sock.setblocking(False)
+            assert await asyncio.wait_for(loop.sock_recv(sock, 1), 2) == b""
+    finally:
+        idle.close()
+        partial.close()
+        silent.transport.abort()

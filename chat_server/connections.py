@@ -1,0 +1,878 @@
+"""WebSocket connections without a task each: asyncio protocols over websockets' Sans-I/O.
+
+``websockets.asyncio.server.serve`` gives every connection a handler task, its coroutine
+stack, a keepalive task and an asyncio connection object with futures, an assembler and
+a logger adapter. Measured on this machine that is about 12 KiB per idle connection, most
+of what an idle chat server holds. Here each TCP connection is one small
+:class:`asyncio.Protocol` around websockets' own Sans-I/O :class:`ServerProtocol` (the
+library's extension point for other I/O models: it parses HTTP and frames, answers pings
+and closes; nothing of the protocol is written here). An idle connection holds no task,
+no coroutine frame and no timer:
+
+- Whole messages are handed to the connection's :class:`Handler` from ``data_received``.
+  A handler that has work to finish first says :meth:`Connection.pause_reading`; later
+  messages then wait in an inbox, and a long inbox pauses reading from the socket (the
+  client's TCP window does the rest), until :meth:`Connection.resume_reading`.
+- One sweep for all connections, a few times per second at most, does what per-connection
+  tasks and timers did: handshake deadlines, keepalive (a ping to a connection silent for
+  ``ping_interval``, close 1011 when nothing came back within ``ping_timeout``), the
+  handler's own deadline (:meth:`Connection.close_after`) and the closing handshake's.
+- Writes are synchronous: frames go to the socket in one ``transport.write``.
+  :meth:`Connection.buffered` says how much is waiting (the session drops a reader too slow
+  to keep up: it knows which bytes are its own paced catch-up), and
+  :meth:`Connection.drain` lets a writer that sends a lot at once wait for the socket, so
+  it goes at the pace the client reads.
+
+:class:`WebSocketServer` owns the listening socket, the connections, the per-address
+count, the sweep and shutdown. The two interfaces between this layer and a session are
+:class:`Link` (what a session sees of its connection) and :class:`Handler` (what the
+layer calls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Protocol, cast
+
+from websockets.frames import BINARY, CONT, TEXT, Frame
+from websockets.http11 import SERVER as SERVER_HEADER
+from websockets.http11 import Request, Response
+from websockets.protocol import CONNECTING, OPEN
+from websockets.server import ServerProtocol
+
+log = logging.getLogger(__name__)
+
+#: Close codes this layer sends itself.
+GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
+INVALID_DATA = 1007
+MESSAGE_TOO_BIG = 1009
+INTERNAL_ERROR = 1011
+ABNORMAL_CLOSURE = 1006  # never sent: reported when a connection ends without a close
+
+#: Connections the kernel may hold waiting for accept(). asyncio's default (100) drops
+#: SYNs when a few thousand clients reconnect at once (a restart, a network blip); they
+#: retry after 1, 3, 7 s, which stretches a reconnect storm to many seconds. Linux caps it
+#: at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+#: Most fragments one message may arrive in (websockets' own default limit).
+MAX_FRAGMENTS = 4096
+#: Most bytes of HTTP a client may send before its handshake is answered. Real clients
+#: send well under 2 KiB; without a bound a half-open connection could hold up to
+#: websockets' own limits (128 header lines of 8 KiB each).
+MAX_HANDSHAKE_BYTES = 16 * 1024
+#: Bytes handed to the frame parser at a time. While messages wait in the inbox, what
+#: was read but not parsed stays bytes: a 256 KiB read of tiny frames would otherwise
+#: become tens of thousands of strings at once, whatever the inbox limit.
+PARSE_SLICE = 4096
+
+Message = str | bytes
+
+
+class Link(Protocol):
+    """What a session sees of its connection (implemented by :class:`Connection`)."""
+
+    @property
+    def ip(self) -> str:
+        """The client's address: the key of per-address limits."""
+
+    @property
+    def remote(self) -> str:
+        """``ip:port``, for logs."""
+
+    def write(self, frames: Sequence[bytes]) -> None:
+        """Send encoded text frames in one socket write; never waits; ignored once closing."""
+
+    def buffered(self) -> int:
+        """Bytes written but not yet taken by the kernel."""
+
+    async def drain(self) -> None:
+        """Wait until the unsent bytes are below the high-water mark (or it closed)."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake (never waits)."""
+
+    def close_after(self, delay: float | None, code: int = ..., reason: str = ...) -> None:
+        """Close unless called again with ``None`` within ``delay`` seconds."""
+
+    def pause_reading(self) -> None:
+        """Hand over no more messages until :meth:`resume_reading`."""
+
+    def resume_reading(self) -> None: ...
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run work for this connection as a task that shutdown waits for."""
+
+
+class Handler(Protocol):
+    """What the layer calls: one handler (a session) per open WebSocket connection."""
+
+    def received(self, message: Message) -> None:
+        """A whole message: text as ``str``, binary as ``bytes``. Never waits."""
+
+    def closed(self, code: int, reason: str) -> None:
+        """The WebSocket is no longer open (``code`` 1006: ended without a close frame).
+
+        Called once, soon after it happens but never from inside one of the connection's
+        own calls; writes are ignored from then on. A handler cancels its work here.
+        """
+
+
+#: Builds the handler for a connection whose handshake succeeded.
+Opener = Callable[["Connection", Request], Handler]
+#: Answers a handshake request with an HTTP response instead of a WebSocket (``/healthz``),
+#: or returns ``None`` to go on with the handshake; may be a coroutine function. It may
+#: set :attr:`Connection.ip` (the client behind a trusted proxy) before returning None.
+Responder = Callable[["Connection", Request], Response | Awaitable[Response | None] | None]
+
+
+class _Partial:
+    """A fragmented message being reassembled."""
+
+    __slots__ = ("count", "data", "text")
+
+    def __init__(self, frame: Frame) -> None:
+        self.data = bytearray(frame.data)
+        self.text = frame.opcode is TEXT
+        self.count = 1
+
+
+class Connection(asyncio.Protocol):
+    """One TCP connection: the handshake, then a WebSocket, fed to websockets' Sans-I/O.
+
+    It is the session's :class:`Link`.
+    """
+
+    # Slots: this object is most of what an idle connection costs beyond the library's.
+    __slots__ = (
+        "_counted",
+        "_deadline",
+        "_drain_waiter",
+        "_expire",
+        "_gone",
+        "_held",
+        "_inbox",
+        "_ip",
+        "_partial",
+        "_pinged",
+        "_reading_paused",
+        "_received",
+        "_seen",
+        "_unread",
+        "_writing_paused",
+        "handler",
+        "protocol",
+        "remote_address",
+        "server",
+        "transport",
+    )
+
+    def __init__(self, server: WebSocketServer) -> None:
+        self.server = server
+        self.protocol = ServerProtocol(max_size=server.max_size)
+        self.handler: Handler | None = None
+        self.transport: asyncio.Transport | None = None
+        self.remote_address: tuple[Any, ...] | None = None
+        self._ip = "?"
+        #: Counted in the server's per-address count (once its handshake was accepted).
+        self._counted = False
+        #: Coarse time (the sweep's clock) data last came in; the handshake's start before.
+        self._seen = server.clock
+        #: When a keepalive ping was sent and nothing has come in since (0: none).
+        self._pinged = 0.0
+        #: When the sweep acts on this connection (0: never), and how: close with a code
+        #: and reason, or abort the TCP connection (None).
+        self._deadline = server.loop.time() + server.handshake_timeout
+        self._expire: tuple[int, str] | None = None
+        #: Bytes of HTTP received before the handshake was answered.
+        self._received = 0
+        self._partial: _Partial | None = None
+        #: Messages waiting while the handler holds them back (None: none, the usual case).
+        self._inbox: deque[Message] | None = None
+        #: The handler asked not to be given messages (pause_reading).
+        self._held = False
+        #: Reading from the socket is paused: the inbox is long.
+        self._reading_paused = False
+        #: Bytes read but not yet parsed, kept while the inbox is long (None: none).
+        self._unread: bytes | None = None
+        self._writing_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        #: True once the WebSocket left the OPEN state and the handler was told.
+        self._gone = False
+
+    # --- what a handler uses ----------------------------------------------------------
+
+    @property
+    def open(self) -> bool:
+        return self.protocol.state is OPEN and not self._gone
+
+    @property
+    def remote(self) -> str:
+        """``host:port`` of the client, for logs; ``client via host:port`` when the
+        responder set :attr:`ip` from a trusted proxy's ``X-Forwarded-For``."""
+        address = self.remote_address
+        if not address:
+            return "?"
+        peer = f"{address[0]}:{address[1]}"
+        return peer if self._ip == str(address[0]) else f"{self._ip} via {peer}"
+
+    @property
+    def ip(self) -> str:
+        """The client's address (what per-address limits count): the TCP peer's, unless
+        the responder said otherwise (a client behind a trusted reverse proxy)."""
+        return self._ip
+
+    @ip.setter
+    def ip(self, address: str) -> None:
+        if self._counted:
+            raise RuntimeError("the address of an accepted connection cannot change")
+        self._ip = address
+
+    def respond(self, status: http.HTTPStatus, text: str) -> Response:
+        """A plain-text HTTP response, for a responder to return instead of a handshake."""
+        return self.protocol.reject(status, text)
+
+    def buffered(self) -> int:
+        """Bytes written but not yet handed to the kernel."""
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def write(self, frames: Sequence[bytes]) -> None:
+        """Send each item (UTF-8 text) as a text frame, all in one socket write.
+
+        Never waits; ignored once the connection is not open. What a client does not read
+        piles up here: see :meth:`buffered` and :meth:`drain`.
+        """
+        protocol = self.protocol
+        if protocol.state is not OPEN or self._gone or not frames:
+            return
+        for data in frames:
+            protocol.send_text(data)
+        self._flush()
+
+    async def drain(self) -> None:
+        """Wait while the socket's send buffer is over its high-water mark.
+
+        A writer that sends a lot at once awaits this between parts, so that it goes at
+        the pace the client reads and its data never piles up. Returns at once when the
+        buffer is low or the connection has closed.
+        """
+        if not self._writing_paused or self.transport is None:
+            return
+        waiter = self._drain_waiter
+        if waiter is None:
+            waiter = self._drain_waiter = self.server.loop.create_future()
+        await asyncio.shield(waiter)
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake; the TCP connection is aborted if the client does
+        not finish it within ``close_timeout``. Does nothing when already closing."""
+        protocol = self.protocol
+        if protocol.state is OPEN:
+            protocol.send_close(code, reason)
+            self._flush()
+            self._left_open()
+        elif protocol.state is CONNECTING and self.transport is not None:
+            self.transport.abort()
+
+    def pause_reading(self) -> None:
+        """Hand over no more messages until :meth:`resume_reading`; they wait in order."""
+        self._held = True
+
+    def resume_reading(self) -> None:
+        """Hand over the messages that waited, soon (not from inside this call)."""
+        if self._held:
+            self._held = False
+            if self._inbox:
+                self.server.loop.call_soon(self._feed)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a coroutine for this connection as a task that shutdown waits for."""
+        return self.server.spawn(coroutine)
+
+    def close_after(
+        self, delay: float | None, code: int = POLICY_VIOLATION, reason: str = ""
+    ) -> None:
+        """Close with ``code`` unless called again with ``None`` within ``delay`` seconds.
+
+        One deadline per connection (a new call replaces it), checked by the server's
+        sweep, so it costs no timer; its precision is the sweep's ``tick``.
+        """
+        if self.protocol.state is not OPEN or self._gone:
+            return
+        if delay is None:
+            self._deadline, self._expire = 0.0, None
+        else:
+            self._deadline = self.server.loop.time() + delay
+            self._expire = (code, reason)
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        server = self.server
+        self.remote_address = address = transport.get_extra_info("peername")
+        if address:
+            self._ip = str(address[0])
+        transport.set_write_buffer_limits(server.write_limit)
+        server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        protocol = self.protocol
+        if protocol.state is CONNECTING:
+            self._received += len(data)
+            if self._received > MAX_HANDSHAKE_BYTES and not protocol.eof_sent:
+                self._refuse_handshake()
+                return
+        else:
+            self._seen = self.server.clock
+            self._pinged = 0.0
+        if self._unread is not None:  # reading is paused; a read already under way
+            self._unread += data
+            return
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
+        """Feed bytes to the Sans-I/O protocol and act on what it found, a slice at a
+        time; stop, keeping the rest as bytes, once the inbox is long."""
+        protocol = self.protocol
+        size = len(data)
+        start = 0
+        while True:
+            end = start + PARSE_SLICE
+            protocol.receive_data(data if start == 0 and end >= size else data[start:end])
+            events = protocol.events_received()
+            self._flush()  # pongs, the echo of a close frame, a close after an error
+            for event in events:
+                if isinstance(event, Frame):
+                    if protocol.state is not OPEN or self._gone:
+                        break  # closing: what comes after a close is ignored
+                    self._frame(event)
+                else:
+                    self._handshake(cast(Request, event))
+            start = end
+            if start >= size:
+                break
+            if self._reading_paused:
+                self._unread = data[start:]
+                break
+        if protocol.state is not OPEN and protocol.state is not CONNECTING:
+            self._left_open()
+            if protocol.close_rcvd is not None and protocol.close_sent is not None:
+                # Both close frames are through: nothing more can come that matters, and
+                # the server closes the TCP connection first (RFC 6455, 7.1.1).
+                assert self.transport is not None
+                self.transport.close()
+
+    def eof_received(self) -> None:
+        self.protocol.receive_eof()
+        self._flush()
+        self._left_open()
+        # Returning None lets the transport close: WebSocket never writes after EOF.
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.protocol.receive_eof()  # idempotent; the state is now CLOSED
+        self._left_open()
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        self.server.removed(self)
+        self._counted = False
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- the handshake ----------------------------------------------------------------
+
+    def _handshake(self, request: Request) -> None:
+        responder = self.server.responder
+        try:
+            response = responder(self, request) if responder is not None else None
+        except Exception:
+            log.exception("answering a handshake from %s failed", self.remote)
+            response = self._internal_error()
+        if isinstance(response, Awaitable):
+            # Only for plain HTTP requests such as /healthz: not on the WebSocket path.
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self.server.spawn(self._respond_later(request, response))
+        else:
+            self._respond(request, response)
+
+    async def _respond_later(self, request: Request, pending: Awaitable[Response | None]) -> None:
+        try:
+            response = await pending
+        except Exception:
+            log.exception("answering a handshake from %s failed", self.remote)
+            response = self._internal_error()
+        if self.protocol.state is CONNECTING and self.transport is not None:
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+            self._respond(request, response)
+
+    def _respond(self, request: Request, response: Response | None) -> None:
+        protocol = self.protocol
+        server = self.server
+        if response is None:
+            limit = server.max_connections_per_address
+            ip = self.ip
+            if limit and server.per_address.get(ip, 0) >= limit:
+                log.warning("refused %s: already %d connections from it", ip, limit)
+                text = f"too many connections from {ip} (limit {limit})\n"
+                response = protocol.reject(http.HTTPStatus.TOO_MANY_REQUESTS, text)
+            elif not server.serving:
+                response = protocol.reject(
+                    http.HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down\n"
+                )
+            else:
+                response = protocol.accept(request)
+        response.headers["Server"] = SERVER_HEADER
+        protocol.send_response(response)
+        self._flush()
+        if protocol.state is not OPEN:
+            # Refused: the response was followed by EOF; the client closes its side.
+            self._deadline = server.loop.time() + server.close_timeout
+            self._expire = None
+            return
+        self._deadline, self._expire = 0.0, None
+        self._seen = server.clock
+        server.count(self)
+        try:
+            self.handler = server.opener(self, request)
+        except Exception:
+            log.exception("opening a session for %s failed", self.remote)
+            self.close(INTERNAL_ERROR, "internal error")
+        # websockets' parser generator keeps the request as a local for the connection's
+        # life: its headers (about 2 KiB) are freed here, once the opener has read them.
+        request.headers.clear()
+
+    def _internal_error(self) -> Response:
+        return self.protocol.reject(
+            http.HTTPStatus.INTERNAL_SERVER_ERROR, "failed to answer; see the server log\n"
+        )
+
+    def _refuse_handshake(self) -> None:
+        protocol = self.protocol
+        response = protocol.reject(
+            http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+            f"handshake over {MAX_HANDSHAKE_BYTES} bytes\n",
+        )
+        response.headers["Server"] = SERVER_HEADER
+        protocol.send_response(response)
+        self._flush()
+        self._deadline = self.server.loop.time() + self.server.close_timeout
+        self._expire = None
+
+    # --- messages in --------------------------------------------------------------------
+
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is TEXT or opcode is BINARY:
+            if not frame.fin:
+                self._partial = _Partial(frame)
+                return
+            data: bytes | bytearray | memoryview = frame.data
+            text = opcode is TEXT
+        elif opcode is CONT:
+            partial = self._partial
+            if partial is None:  # the Sans-I/O parser refuses this before it gets here
+                return
+            partial.data += frame.data
+            partial.count += 1
+            if partial.count > MAX_FRAGMENTS:
+                self._fail(MESSAGE_TOO_BIG, "too many fragments")
+                return
+            if not frame.fin:
+                return
+            self._partial = None
+            data, text = partial.data, partial.text
+        else:
+            return  # ping, pong and close are answered by the Sans-I/O protocol
+        if text:
+            try:
+                message: Message = str(data, "utf-8")
+            except UnicodeDecodeError as exc:
+                self._fail(INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                return
+        else:
+            message = bytes(data)
+        self._deliver(message)
+
+    def _deliver(self, message: Message) -> None:
+        inbox = self._inbox
+        if self._held or inbox:
+            if inbox is None:
+                inbox = self._inbox = deque()
+            inbox.append(message)
+            if len(inbox) >= self.server.inbox_limit and not self._reading_paused:
+                self._reading_paused = True
+                assert self.transport is not None
+                self.transport.pause_reading()
+            return
+        self._call(message)
+
+    def _feed(self) -> None:
+        """Hand over waiting messages, then bytes not parsed yet, while the handler
+        takes them; read from the socket again once little is waiting."""
+        while not self._gone and not self._held:
+            inbox = self._inbox
+            if inbox:
+                self._call(inbox.popleft())
+                continue
+            self._inbox = None
+            unread, self._unread = self._unread, None
+            if unread is None:
+                break
+            self._parse(unread)
+        if self._gone and self._unread is not None:
+            # It may hold the client's close frame: parse it, handing nothing over.
+            unread, self._unread = self._unread, None
+            self._parse(unread)
+        self._resume_when_short()
+
+    def _resume_when_short(self) -> None:
+        if (
+            self._reading_paused
+            and self._unread is None
+            and len(self._inbox or ()) <= self.server.inbox_limit // 4
+        ):
+            self._reading_paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def _call(self, message: Message) -> None:
+        handler = self.handler
+        if handler is None or self._gone:
+            return
+        try:
+            handler.received(message)
+        except Exception:
+            # A bug in one request must not take the connection or the server with it.
+            log.exception("handling a message from %s failed", self.remote)
+
+    # --- messages out and closing -------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Hand what the Sans-I/O protocol wants sent to the socket, in one write."""
+        chunks = self.protocol.data_to_send()
+        transport = self.transport
+        if not chunks or transport is None or transport.is_closing():
+            return
+        eof = not chunks[-1]
+        data = b"".join(chunks)
+        if data:
+            transport.write(data)
+        if eof:
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+
+    def _fail(self, code: int, reason: str) -> None:
+        self.protocol.fail(code, reason)
+        self._flush()
+        self._left_open()
+
+    def _left_open(self) -> None:
+        """The WebSocket left the OPEN state: stop the handler's work and tell it, once."""
+        if self._gone or self.protocol.state is OPEN:
+            return
+        was_open = self.handler is not None
+        self._gone = True
+        self._partial = None
+        self._inbox = None
+        if self._unread is not None:
+            self.server.loop.call_soon(self._feed)  # then read the rest of the socket
+        else:
+            self._resume_when_short()  # to read the client's side of the closing handshake
+        if self.protocol.close_expected():
+            # Wait for the client's side of the closing handshake, but not for ever.
+            self._deadline = self.server.loop.time() + self.server.close_timeout
+            self._expire = None
+        if was_open:
+            code, reason = self._close_status()
+            self.server.loop.call_soon(self._tell_closed, code, reason)
+
+    def _tell_closed(self, code: int, reason: str) -> None:
+        handler = self.handler
+        self.handler = None
+        if handler is not None:
+            try:
+                handler.closed(code, reason)
+            except Exception:
+                log.exception("closing the session of %s failed", self.remote)
+
+    def _close_status(self) -> tuple[int, str]:
+        """The close that ended the connection: ours if we sent one first, else theirs."""
+        protocol = self.protocol
+        sent, rcvd = protocol.close_sent, protocol.close_rcvd
+        if sent is not None and protocol.close_rcvd_then_sent is not True:
+            return sent.code, sent.reason
+        if rcvd is not None:
+            return rcvd.code, rcvd.reason
+        return ABNORMAL_CLOSURE, ""
+
+    def _expired(self, now: float) -> None:
+        """The deadline passed: close as the handler asked, or drop the TCP connection."""
+        self._deadline = 0.0
+        expire, self._expire = self._expire, None
+        if expire is not None and self.protocol.state is OPEN:
+            self.close(*expire)
+        elif self.transport is not None:
+            self.transport.abort()
+
+    def _keepalive(self, now: float) -> None:
+        """Ping a silent connection; fail it with 1011 when the ping went unanswered."""
+        server = self.server
+        if self._pinged:
+            if server.ping_timeout and now - self._pinged >= server.ping_timeout:
+                self._fail(INTERNAL_ERROR, "keepalive ping timeout")
+                # Nothing came back for a whole timeout: do not wait for a closing
+                # handshake too, close (and abort, if even that cannot flush in time).
+                if self.transport is not None:
+                    self.transport.close()
+        elif now - self._seen >= server.ping_interval:
+            self.protocol.send_ping(b"")
+            self._flush()
+            self._pinged = now
+
+
+class WebSocketServer:
+    """The listening socket, every connection, the per-address count, the sweep, shutdown.
+
+    ``opener`` builds a connection's handler once its handshake succeeds; ``responder``
+    may answer a handshake request with plain HTTP instead (``process_request`` in
+    websockets' terms). A WebSocket handshake from an address that already has
+    ``max_connections_per_address`` WebSocket connections open (0: no limit) is answered
+    429; the address is :attr:`Connection.ip` (which the responder may set).
+    """
+
+    def __init__(
+        self,
+        opener: Opener,
+        *,
+        responder: Responder | None = None,
+        max_size: int = 2**20,
+        ping_interval: float = 20.0,
+        ping_timeout: float = 20.0,
+        close_timeout: float = 5.0,
+        handshake_timeout: float = 10.0,
+        max_connections_per_address: int = 0,
+        write_limit: int = 32 * 1024,
+        inbox_limit: int = 16,
+        tick: float = 1.0,
+    ) -> None:
+        self.opener = opener
+        self.responder = responder
+        self.max_size = max_size
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.close_timeout = close_timeout
+        self.handshake_timeout = handshake_timeout
+        self.max_connections_per_address = max_connections_per_address
+        self.write_limit = write_limit
+        self.inbox_limit = inbox_limit
+        self.tick = tick
+        self.loop = asyncio.get_running_loop()
+        #: The sweep's clock: loop.time() at the last sweep, read instead of the clock.
+        self.clock = self.loop.time()
+        self.connections: set[Connection] = set()
+        #: Open WebSocket connections per client address (Connection.ip).
+        self.per_address: dict[str, int] = {}
+        #: Running tasks: a session's current request, a handshake answered later.
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.serving = False
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        #: Set during shutdown when the last connection is gone.
+        self._emptied: asyncio.Event | None = None
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        return tuple(self._server.sockets) if self._server is not None else ()
+
+    @property
+    def port(self) -> int:
+        return int(self.sockets[0].getsockname()[1])
+
+    async def listen(
+        self, host: str | None, port: int, *, backlog: int = LISTEN_BACKLOG, **kwargs: Any
+    ) -> None:
+        self._server = await self.loop.create_server(
+            lambda: Connection(self), host, port, backlog=backlog, **kwargs
+        )
+        self.serving = True
+        self._sweeper = self.loop.create_task(self._sweep_forever(), name="ws-sweep")
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a coroutine that belongs to a connection; shutdown waits for it."""
+        task = self.loop.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("a connection's task failed", exc_info=exc)
+
+    # --- bookkeeping, called by connections -------------------------------------------
+
+    def count(self, connection: Connection) -> None:
+        """Count an accepted WebSocket connection against its address."""
+        ip = connection.ip
+        self.per_address[ip] = self.per_address.get(ip, 0) + 1
+        connection._counted = True
+
+    def removed(self, connection: Connection) -> None:
+        self.connections.discard(connection)
+        if connection._counted:
+            ip = connection.ip
+            count = self.per_address.get(ip, 0) - 1
+            if count > 0:
+                self.per_address[ip] = count
+            else:
+                self.per_address.pop(ip, None)
+        if not self.connections and self._emptied is not None:
+            self._emptied.set()
+
+    # --- the sweep ----------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick)
+            try:
+                self.sweep()
+            except Exception:  # the sweep must outlive any one connection's trouble
+                log.exception("connection sweep failed")
+
+    def sweep(self) -> None:
+        """Deadlines and keepalive for every connection, in one pass.
+
+        An idle connection costs two attribute reads here: the pass runs every ``tick``
+        over all of them (about 20 ms for 19,000 on the development machine).
+        """
+        now = self.clock = self.loop.time()
+        interval = self.ping_interval
+        expired: list[Connection] = []
+        silent: list[Connection] = []
+        for connection in self.connections:
+            deadline = connection._deadline
+            if deadline and now >= deadline:
+                expired.append(connection)
+            elif interval and (connection._pinged or now - connection._seen >= interval):
+                silent.append(connection)
+        # Acting may close connections: not while iterating over them.
+        for connection in expired:
+            connection._expired(now)
+        for connection in silent:
+            if (
+                connection.handler is not None
+                and not connection._gone
+                and not connection._reading_paused  # its pongs wait behind its messages
+            ):
+                connection._keepalive(now)
+
+    # --- shutdown -------------------------------------------------------------------------
+
+    async def shutdown(
+        self, code: int = GOING_AWAY, reason: str = "server shutting down", grace: float = 1.0
+    ) -> None:
+        """Stop accepting; abort connections still in their handshake; close the open ones
+        with ``code``; abort those that did not finish closing ``grace`` seconds after the
+        start (and any not yet sent a close by then: closing costs a socket write each);
+        then wait for the connections' tasks. Returns within about ``grace`` + 0.75 s."""
+        started = self.loop.time()
+        deadline = started + grace
+        self.serving = False
+        if self._server is not None:
+            self._server.close()
+        self._emptied = emptied = asyncio.Event()
+        opened: list[Connection] = []
+        handshakes = 0
+        for connection in list(self.connections):
+            if connection.handler is not None:
+                opened.append(connection)
+            elif connection.protocol.state is CONNECTING and connection.transport is not None:
+                connection.transport.abort()
+                handshakes += 1
+        sent = 0
+        for connection in opened:
+            connection.close(code, reason)
+            sent += 1
+            if sent % 256 == 0:
+                await asyncio.sleep(0)  # let replies in, and connection_lost run
+                if self.loop.time() >= deadline:
+                    break
+        if not self.connections:
+            emptied.set()
+        await self._until(emptied, deadline - self.loop.time())
+        stragglers = list(self.connections)
+        for connection in stragglers:
+            if connection.transport is not None:
+                connection.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        await self._until(emptied, 0.25)  # aborted transports call connection_lost soon
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            _, pending = await asyncio.wait(list(self.tasks), timeout=0.5)
+            for task in pending:
+                log.error("a connection's task did not stop on cancellation: %r", task)
+        if self._sweeper is not None:
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+        log.info(
+            "connections closed in %.2f s: %d of %d open ones sent %d, %d aborted "
+            "(no answer in time or not reached), %d aborted in their handshake",
+            self.loop.time() - started,
+            sent,
+            len(opened),
+            code,
+            len(stragglers),
+            handshakes,
+        )
+        if self.connections:
+            log.warning("%d connections still open after shutdown", len(self.connections))
+
+    @staticmethod
+    async def _until(event: asyncio.Event, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await event.wait()
+        except TimeoutError:
+            pass
+
+    @property
+    def open_count(self) -> int:
+        return sum(1 for c in self.connections if c.protocol.state is OPEN)
+
+    def states(self) -> dict[str, int]:
+        """How many connections are in each state (for tests and logs)."""
+        counts: dict[str, int] = {}
+        for connection in self.connections:
+            name = connection.protocol.state.name
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+
+__all__ = [
+    "Connection",
+    "Handler",
+    "Link",
+    "Message",
+    "Opener",
+    "Responder",
+    "WebSocketServer",
+]
