@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from chat_server.backends.sqlite import Store as SqliteStore
 from tests.pg import query
 
 STORES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.e2e)]
@@ -62,5 +63,39 @@ async def writes_blocked(db: Path | str) -> AsyncIterator[None]:
         await conn.execute("BEGIN; LOCK TABLE messages IN EXCLUSIVE MODE")
         yield
         await conn.execute("ROLLBACK")
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def writes_refused(db: Path | str, store: object) -> AsyncIterator[None]:
+    """Make the database refuse the server's writes (messages and the health probe) with
+    an error that says "readonly", as a volume remounted read-only does to SQLite."""
+    if isinstance(db, Path):
+        assert isinstance(store, SqliteStore)
+        writer = store._writer
+        await writer.execute("PRAGMA query_only = ON")
+        try:
+            yield
+        finally:
+            await writer.execute("PRAGMA query_only = OFF")
+        return
+    conn = await asyncpg.connect(db)
+    try:
+        await conn.execute(
+            "CREATE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'the database is readonly (a test)'; END $$;"
+            " CREATE TRIGGER test_refuse_messages BEFORE INSERT ON messages"
+            " FOR EACH STATEMENT EXECUTE FUNCTION test_refuse();"
+            " CREATE TRIGGER test_refuse_probe BEFORE UPDATE ON meta"
+            " FOR EACH STATEMENT EXECUTE FUNCTION test_refuse()"
+        )
+        try:
+            yield
+        finally:
+            await conn.execute(
+                "DROP TRIGGER test_refuse_messages ON messages;"
+                " DROP TRIGGER test_refuse_probe ON meta; DROP FUNCTION test_refuse()"
+            )
     finally:
         await conn.close()

@@ -17,7 +17,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.helpers import NO_LIMITS, Peer, peer, server, url
-from tests.stores import db_on_both_stores, db_rows  # noqa: F401 (db: SQLite and PostgreSQL)
+from tests.stores import (  # noqa: F401 (db: SQLite and PostgreSQL)
+    db_on_both_stores,
+    db_rows,
+    writes_refused,
+)
 
 
 async def test_hello_welcome_secret_lobby_and_history(db: Path) -> None:
@@ -445,14 +449,12 @@ async def test_healthz_is_not_answered_from_its_cache_after_a_write_failed(db: P
                 return error.code
 
         assert await asyncio.to_thread(get) == 200  # and cached for a second
-        # SQLite refusing every write, as on a volume remounted read-only.
-        writer = chat.store._writer
-        await writer.execute("PRAGMA query_only = ON")
-        await alice.send({"type": "send", "cid": "refused", "room": "lobby", "body": "x"})
-        error = await alice.expect("error", code="unavailable")
-        assert "readonly" in error["message"]
-        assert await asyncio.to_thread(get) == 503  # within the second: not the cached 200
-        await writer.execute("PRAGMA query_only = OFF")
+        # The database refusing every write, as on a volume remounted read-only.
+        async with writes_refused(db, chat.store):
+            await alice.send({"type": "send", "cid": "refused", "room": "lobby", "body": "x"})
+            error = await alice.expect("error", code="unavailable")
+            assert "readonly" in error["message"]
+            assert await asyncio.to_thread(get) == 503  # within the second: not the cached 200
         await alice.say("stored again")
         assert await asyncio.to_thread(get) == 200  # not the cached 503 either
 
