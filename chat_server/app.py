@@ -6,7 +6,8 @@ idle connection).
 this order: stop accepting, drop connections that never finished their handshake, close
 every client with 1001, drop within ``shutdown_timeout`` whatever has not finished
 closing, wait for the sessions' cancelled work, then let the writer commit what is queued
-before the database is closed.
+before the database is closed (on PostgreSQL all of that within ``TEARDOWN_TIMEOUT``:
+a database that does not answer is given up).
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ log = logging.getLogger(__name__)
 
 #: How long /healthz waits for its probe write before it answers 503.
 HEALTH_TIMEOUT = 3.0
+#: Seconds a shutdown gives the store once the connections are closed: the writer's queue,
+#: in a cluster the quota charges and the goodbye to the other replicas. PostgreSQL that
+#: does not answer (a partition, a paused container) is then given up, so the process
+#: still exits well inside Docker's 10 s grace.
+TEARDOWN_TIMEOUT = 1.5
 #: How long a successful /healthz probe is reused: a flood of checks costs one write a
 #: second. A failure is not reused: the next check probes again (a failed probe commits
 #: nothing), so recovery shows at once.
@@ -276,6 +282,36 @@ def _announced_limits(config: ServerConfig) -> dict[str, Any]:
     }
 
 
+async def _leave_cluster(chat: ChatServer, store: PostgresStore) -> None:
+    """Charge the pending quotas, say goodbye to the other replicas and let the writer
+    commit its queue, within ``TEARDOWN_TIMEOUT``; then drop every connection to
+    PostgreSQL, so that what still waits on it fails at once (what the writer held was
+    never acknowledged: clients resend it by cid)."""
+
+    async def leave() -> None:
+        if isinstance(chat.quotas, SharedQuotas):
+            await chat.quotas.stop()
+        if chat.cluster is not None:
+            await chat.cluster.stop()
+        await store.close()
+
+    work = asyncio.ensure_future(leave())
+    done, _ = await asyncio.wait([work], timeout=TEARDOWN_TIMEOUT)
+    if not done:
+        log.warning(
+            "PostgreSQL did not answer within %.1f s: dropping its connections", TEARDOWN_TIMEOUT
+        )
+        store.terminate()
+        if chat.cluster is not None:
+            chat.cluster.terminate()
+        done, _ = await asyncio.wait([work], timeout=0.5)
+        if not done:
+            log.error("the store did not close after its connections were dropped")
+            work.cancel()
+            return
+    work.result()
+
+
 @asynccontextmanager
 async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
     """Open the database and serve; on exit shut down gracefully in the documented order."""
@@ -302,11 +338,10 @@ async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
             log.info("shutting down: closing connections with 1001")
             await chat.server.shutdown(grace=config.shutdown_timeout)
     finally:
-        if isinstance(chat.quotas, SharedQuotas):
-            await chat.quotas.stop()
-        if chat.cluster is not None:
-            await chat.cluster.stop()
-        await store.close()
+        if isinstance(store, PostgresStore):
+            await _leave_cluster(chat, store)
+        else:
+            await store.close()
         log.info(
             "database closed; last id %d; %d messages in %d group commits",
             store.last_id,

@@ -302,6 +302,12 @@ class Cluster:
         except StoreUnavailable as exc:
             log.warning("could not unregister replica %s: %s", self.replica, exc)
 
+    def terminate(self) -> None:
+        """Drop the stream's connection at once (a shutdown that cannot wait for
+        PostgreSQL); what waits on it fails now."""
+        if self._subscription is not None:
+            self._subscription.terminate()
+
     # --- the ordered stream -------------------------------------------------------------
 
     async def _run_stream(self) -> None:

@@ -61,6 +61,13 @@ class Postgres:
     def start(self) -> None:
         docker("start", self.container)
 
+    def pause(self) -> None:
+        """Freeze the server: connections stay open and nothing answers (a partition)."""
+        docker("pause", self.container)
+
+    def unpause(self) -> None:
+        docker("unpause", self.container)
+
     def remove(self) -> None:
         docker("rm", "-f", "-v", self.container, check=False)
 

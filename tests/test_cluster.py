@@ -7,6 +7,7 @@ database runs in a container (``tests/pg.py``). Selected with ``-m e2e``.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -252,6 +253,33 @@ async def test_postgres_restart_unavailable_then_recovers(
         if seen == [ack["id"]]:
             seen = [m["id"] for m in await messages(alice, 1)]
         assert seen == [back["id"]]
+
+
+async def test_sigterm_with_postgres_paused_exits_0_within_3s(
+    private_postgres: Postgres, replicas: Replicas
+) -> None:
+    """A replica cut off from PostgreSQL (nothing answers, nothing is refused) still stops
+    well inside Docker's 10 s grace: its goodbye to the cluster and the writer's queue
+    are given up after a deadline."""
+    url = await fresh_database(private_postgres)
+    (a,) = replicas(url, 1)
+    async with peer(a.url, "alice") as alice:
+        await alice.say("before")
+        await asyncio.to_thread(private_postgres.pause)
+        try:
+            # A send the writer holds, waiting for PostgreSQL, when the signal comes.
+            await alice.send({"type": "send", "cid": "held", "room": "lobby", "body": "x"})
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            try:
+                code = await asyncio.to_thread(a.terminate, 15)
+            except subprocess.TimeoutExpired:
+                pytest.fail("the replica ignored SIGTERM for 15 s:\n" + "".join(a.log[-20:]))
+            elapsed = time.monotonic() - started
+        finally:
+            await asyncio.to_thread(private_postgres.unpause)
+    assert code == 0, "".join(a.log[-20:])
+    assert elapsed < 3, f"took {elapsed:.1f} s:\n" + "".join(a.log[-20:])
 
 
 async def test_catch_up_waits_for_the_stream_and_shows_a_message_once(

@@ -418,6 +418,11 @@ class Subscription:
         except DB_ERRORS:
             self._connection.terminate()
 
+    def terminate(self) -> None:
+        """Drop the connection at once, without a word to the server."""
+        self.lost = True
+        self._connection.terminate()
+
 
 class PostgresStore:
     """History, nicks, rooms and presence in PostgreSQL; a group-committing writer."""
@@ -469,6 +474,9 @@ class PostgresStore:
                     min_size=1,
                     max_size=pool_size,
                     timeout=query_timeout,
+                    # Every statement, also those without a timeout of their own: a
+                    # database that stops answering must never hang the server.
+                    command_timeout=query_timeout,
                     server_settings={**SESSION_SETTINGS, "application_name": "chat-server"},
                 )
                 break
@@ -526,10 +534,18 @@ class PostgresStore:
             await self._queue.put(None)
             await self._task
             self._task = None
+        if self._pool.is_closing():  # terminated
+            return
         try:
             await asyncio.wait_for(self._pool.close(), self._timeout)
         except DB_ERRORS:
             self._pool.terminate()
+
+    def terminate(self) -> None:
+        """Drop every pooled connection at once, without a word to the server: whatever
+        waits on one fails now (a cancelled asyncpg query would wait for the server to
+        confirm the cancellation, which a server that does not answer never does)."""
+        self._pool.terminate()
 
     # --- plumbing ------------------------------------------------------------------
 
@@ -903,6 +919,7 @@ class PostgresStore:
             connection = await asyncpg.connect(
                 self.url,
                 timeout=self._timeout,
+                command_timeout=self._timeout,
                 server_settings={**SESSION_SETTINGS, "application_name": "chat-server-listen"},
             )
             subscription = Subscription(connection, self._timeout, on_lost)
