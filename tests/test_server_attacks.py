@@ -501,6 +501,34 @@ async def test_an_unconfirmed_registration_expires_but_keeps_its_messages_privat
             assert [m["body"] for m in (await answer(bob, "h"))["messages"]] == ["for alice only"]
 
 
+async def test_the_next_holder_of_an_expired_nick_gets_its_own_message_for_a_used_cid(
+    db: Path,
+) -> None:
+    """cids are unique per holder of a nick, not per spelling: after an unconfirmed
+    registration expires, its next holder sending the same cid gets a new message stored
+    and acknowledged, never the old holder's id and ts (found by an outside tester)."""
+    async with server(db, nick_claim_ttl=1.0) as chat:
+        async with peer(chat, "alice") as old:  # a server-made secret, never presented again
+            first = await old.say("the old holder's words", cid="c1")
+        await asyncio.sleep(1.1)
+        secret = "n" + uuid.uuid4().hex
+        async with peer(chat, "alice", secret=secret) as new, peer(chat, "watch") as watch:
+            assert new.welcome.get("registered") is True
+            ack = await new.say("the new holder's words", cid="c1")
+            assert ack["id"] > first["id"]
+            got = await watch.until("msg")
+            assert [(m["id"], m["body"]) for m in got if m["type"] == "msg"] == [
+                (ack["id"], "the new holder's words")
+            ]
+            again = await new.say("the new holder's words", cid="c1")  # a retry: the same
+            assert (again["id"], again["ts"]) == (ack["id"], ack["ts"])
+    rows = await db_rows(
+        db, "SELECT id, body FROM messages WHERE sender_key = ? ORDER BY id", "alice"
+    )
+    assert [body for _, body in rows] == ["the old holder's words", "the new holder's words"]
+    assert rows[0][0] == first["id"]
+
+
 def test_no_limits_flags_match_the_settings() -> None:
     """The flags the tests use to lift limits are real server flags."""
     done = subprocess.run(

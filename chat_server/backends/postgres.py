@@ -648,6 +648,12 @@ class PostgresStore:
                 chosen = secret if secret is not None else new_secret
                 assert chosen is not None
                 since = int(await db.fetchval("SELECT COALESCE(max(id), 0) FROM messages"))
+                if row is not None:  # expired: its messages' cids go with it (sqlite.py)
+                    await db.execute(
+                        "UPDATE messages SET cid = '~' || id WHERE sender_key = $1 AND id > $2",
+                        key,
+                        row["since_id"],
+                    )
                 await db.execute(
                     "INSERT INTO nicks"
                     " (nick_key, nick, secret_hash, created_ts, confirmed, since_id)"

@@ -112,6 +112,11 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 _COLUMNS = "id, ts, room, sender_key, sender, recipient_key, recipient, action, body, cid"
+#: When an unconfirmed registration expires and the nick is registered afresh, the cids of
+#: the messages sent under it are replaced by ``~<id>`` (no client can send a ``~``):
+#: cids are unique per holder, so the next holder's ``c1`` must be a new message, not a
+#: retry answered with the old holder's id. Its messages were sent after its ``since_id``.
+RETIRE_CIDS = "UPDATE messages SET cid = '~' || id WHERE sender_key = ? AND id > ?"
 _ROW_MARKS = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # channel + the columns above
 _NO_ID = 2**63 - 1
 
@@ -323,7 +328,8 @@ class Store:
 
         async def claim(db: aiosqlite.Connection) -> NickClaim:
             async with db.execute(
-                "SELECT nick, secret_hash, confirmed, created_ts FROM nicks WHERE nick_key = ?",
+                "SELECT nick, secret_hash, confirmed, created_ts, since_id FROM nicks"
+                " WHERE nick_key = ?",
                 (key,),
             ) as cursor:
                 row = await cursor.fetchone()
@@ -350,6 +356,8 @@ class Store:
             chosen = secret if secret is not None else new_secret
             assert chosen is not None
             since = self._last_id
+            if row is not None:  # an expired registration: its messages' cids go with it
+                await db.execute(RETIRE_CIDS, (key, row[4]))
             await db.execute(
                 "INSERT OR REPLACE INTO nicks"
                 " (nick_key, nick, secret_hash, created_ts, confirmed, since_id)"
