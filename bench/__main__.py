@@ -265,10 +265,16 @@ def report(results: list[Result], load: dict[str, Any]) -> str:
                 "server's core: the machine was not quiet, these figures measured it too"
             )
     f_chat, f_base = by.get(("fanout", "chat")), by.get(("fanout", "relay"))
-    if f_chat and f_base and f_base["server_cpu_us_per_delivery"]:
-        ratio = f_chat["server_cpu_us_per_delivery"] / f_base["server_cpu_us_per_delivery"]
+    if f_chat and f_base:
+        # CPU time comes in clock ticks (procstat): a short run may see a whole side use
+        # less than one, and then there is no ratio to give.
+        if f_base["server_cpu_us_per_delivery"]:
+            ratio = f_chat["server_cpu_us_per_delivery"] / f_base["server_cpu_us_per_delivery"]
+            verdict = f"{ratio:.2f}x (target <= 0.6x)"
+        else:
+            verdict = "n/a (the relay used less than one clock tick of CPU: run longer)"
         lines.append(
-            f"fanout: server CPU per delivery chat/relay = {ratio:.2f}x (target <= 0.6x): "
+            f"fanout: server CPU per delivery chat/relay = {verdict}: "
             f"chat {f_chat['server_cpu_us_per_delivery']} us, relay "
             f"{f_base['server_cpu_us_per_delivery']} us; p99 chat {f_chat['p99_ms']} ms, relay "
             f"{f_base['p99_ms']} ms; lost chat {f_chat['lost']}, relay {f_base['lost']}"

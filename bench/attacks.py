@@ -159,8 +159,8 @@ def running(args: Sequence[str]) -> Any:
 
 async def fill_store(db: Path, rooms: Sequence[str], per_room: int, body: str) -> None:
     """Write messages through the server's own store (no SQL here), then close it."""
+    from chat_server.backends.sqlite import Store
     from chat_server.messages import Draft
-    from chat_server.store import Store
 
     class Quiet:
         def committed(self, results: Any) -> None:

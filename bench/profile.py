@@ -34,7 +34,7 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     ("thread hop (aiosqlite queue, futures)", "asyncio/futures.py"),
     ("thread hop (aiosqlite queue, futures)", "threading.py"),
     ("thread hop (aiosqlite queue, futures)", "queue.py"),
-    ("store: per-message Python (rows, records)", "chat_server/store.py"),
+    ("store: per-message Python (rows, records)", "chat_server/backends/sqlite.py"),
     ("store: per-message Python (rows, records)", "chat_server/messages.py"),
     ("store: per-message Python (rows, records)", "(<string>:"),  # dataclass __init__
     ("fan-out (encode once, write per recipient)", "chat_server/fanout.py"),

@@ -33,7 +33,7 @@ BODY = "b|0|0|0|" + "x" * 192  # 200 characters, as the persistence workload sen
 
 
 def create(path: Path) -> None:
-    from chat_server.store import Store
+    from chat_server.backends.sqlite import Store
 
     async def make() -> None:
         store = await Store.open(path)

@@ -12,6 +12,12 @@ checksums: exit 0. Anything else: exit 1.
 Run it from the project folder, with the deployment up or not:
 ``chat-chaos`` (or ``python -m chaos``). It uses the compose project of the folder, or
 ``COMPOSE_PROJECT_NAME``.
+
+``chat-chaos --cluster`` does the same to the cluster deployment (compose.yaml +
+compose.cluster.yaml: replicas behind HAProxy on PostgreSQL): the probes connect through
+HAProxy; it kills one replica with SIGKILL (and starts it again), restarts PostgreSQL,
+and cuts one replica off the network for longer than the replica timeout; the table is
+checked against PostgreSQL.
 """
 
 from __future__ import annotations
@@ -79,6 +85,43 @@ def digest(ids: Sequence[int]) -> str:
     return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:12]
 
 
+#: The cluster deployment, and its replica timeout during a run (seconds).
+CLUSTER_FILES = "compose.yaml:compose.cluster.yaml"
+REPLICA_TIMEOUT = 3
+
+
+def stored_lobby_postgres() -> list[tuple[int, str, str]]:
+    sql = (
+        "SELECT COALESCE(json_agg(json_build_array(id, sender, convert_from(body, 'UTF8'))"
+        " ORDER BY id), '[]') FROM messages WHERE room = 'lobby'"
+    )
+    out = compose("exec", "-T", "postgres", "psql", "-U", "chat", "-d", "chat", "-At", "-c", sql)
+    return [tuple(row) for row in json.loads(out)]
+
+
+def cluster_faults(network: str) -> None:
+    """Kill -9 a replica, restart PostgreSQL, cut a replica off: the cluster's faults."""
+    replicas = sorted(
+        json.loads(line)["Name"]
+        for line in compose("ps", "--format", "json", "server").splitlines()
+        if line.strip()
+    )
+    say(f"kill -9 {replicas[0]} (of {len(replicas)} replicas)")
+    run("docker", "kill", "-s", "KILL", replicas[0])
+    time.sleep(REPLICA_TIMEOUT + 3)
+    run("docker", "start", replicas[0])
+    say(f"{replicas[0]} started again; restart PostgreSQL")
+    compose("restart", "postgres")
+    time.sleep(3)
+    victim = replicas[-1]
+    say(f"cut {victim} off the network for {REPLICA_TIMEOUT + 5}s")
+    run("docker", "network", "disconnect", network, victim)
+    time.sleep(REPLICA_TIMEOUT + 5)
+    run("docker", "network", "connect", network, victim)
+    say(f"{victim} plugged back")
+    compose("up", "-d", "--wait", "server")
+
+
 def stored_lobby() -> list[tuple[int, str, str]]:
     code = (
         "import json, sqlite3; db = sqlite3.connect('/data/chat.db'); "
@@ -95,21 +138,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=4, help="probe clients (default 4)")
     parser.add_argument("--count", type=int, default=100, help="messages per probe (100)")
     parser.add_argument("--interval", type=float, default=0.15, help="seconds between them")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="the cluster deployment (compose.cluster.yaml): replicas, HAProxy, PostgreSQL",
+    )
     args = parser.parse_args(argv)
 
     os.environ["CHAT_PING_INTERVAL"] = str(PING)
     os.environ["CHAT_PING_TIMEOUT"] = str(PING)
+    if args.cluster:
+        os.environ["COMPOSE_FILE"] = CLUSTER_FILES
+        os.environ["CHAT_REPLICA_TIMEOUT"] = str(REPLICA_TIMEOUT)
     name = project()
     network = f"{name}_chat"
     run_id = uuid.uuid4().hex[:4]
-    say(f"project {name}: starting the server (keepalive {PING}s + {PING}s)")
+    what = "the replicas, HAProxy and PostgreSQL" if args.cluster else "the server"
+    say(f"project {name}: starting {what} (keepalive {PING}s + {PING}s)")
     compose("build", timeout=900)
-    compose("up", "-d", "--wait", "server")
+    compose("up", "-d", "--wait", "server", *(["haproxy"] if args.cluster else []))
     probes = [f"{name}-probe-{run_id}-{i}" for i in range(args.clients)]
     for i, container in enumerate(probes):
         compose(
             "run",
             "-d",
+            "--no-deps",
             "--name",
             container,
             "client",
@@ -127,18 +180,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     say(f"{len(probes)} probes sending {args.count} numbered messages each")
     try:
         time.sleep(3)
-        say("kill -9 the server")
-        compose("kill", "-s", "SIGKILL", "server")
-        time.sleep(1)
-        compose("up", "-d", "--wait", "server")
-        say("server back")
-        time.sleep(2)
-        say(f"cut {probes[0]} off the network for {3 * PING + 2}s")
-        run("docker", "network", "disconnect", network, probes[0])
-        time.sleep(3 * PING + 2)
-        run("docker", "network", "connect", network, probes[0])
-        say("plugged back; restart the server")
-        compose("restart", "server")
+        if args.cluster:
+            cluster_faults(network)
+        else:
+            single_server_faults(network, probes)
         say("waiting for every probe to report")
         for container in probes:
             run("docker", "wait", container, timeout=600)
@@ -154,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"{container} gave no report:\n" + run("docker", "logs", container)
                 )
             reports.append(json.loads(lines[-1].removeprefix("PROBE-REPORT ")))
-        rows, problems = check(reports, stored_lobby(), args.count)
+        stored = stored_lobby_postgres() if args.cluster else stored_lobby()
+        rows, problems = check(reports, stored, args.count)
     finally:
         for container in probes:
             run("docker", "rm", "-f", container, check=False)
@@ -168,6 +214,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         "chaos: every acknowledged message stored once; every client received every "
         "message once, in order"
     )
+
+
+def single_server_faults(network: str, probes: list[str]) -> None:
+    say("kill -9 the server")
+    compose("kill", "-s", "SIGKILL", "server")
+    time.sleep(1)
+    compose("up", "-d", "--wait", "server")
+    say("server back")
+    time.sleep(2)
+    say(f"cut {probes[0]} off the network for {3 * PING + 2}s")
+    run("docker", "network", "disconnect", network, probes[0])
+    time.sleep(3 * PING + 2)
+    run("docker", "network", "connect", network, probes[0])
+    say("plugged back; restart the server")
+    compose("restart", "server")
 
 
 def check(

@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 
 from chat_server.app import running_server
+from chat_server.backends import redacted
+from chat_server.backends.base import StoreUnavailable
 from chat_server.config import ServerConfig, parse_config
 
 
@@ -40,8 +42,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         runner = uvloop.run
     try:
         runner(serve(config))
-    except (OSError, sqlite3.Error) as exc:
-        logging.getLogger("chat_server").critical("cannot start: %s (database %s)", exc, config.db)
+    except (OSError, ValueError, sqlite3.Error, StoreUnavailable) as exc:
+        logging.getLogger("chat_server").critical(
+            "cannot start: %s (database %s)", exc, redacted(str(config.db))
+        )
         sys.exit(1)
 
 

@@ -6,7 +6,8 @@ idle connection).
 this order: stop accepting, drop connections that never finished their handshake, close
 every client with 1001, drop within ``shutdown_timeout`` whatever has not finished
 closing, wait for the sessions' cancelled work, then let the writer commit what is queued
-before the database is closed.
+before the database is closed (on PostgreSQL all of that within ``TEARDOWN_TIMEOUT``:
+a database that does not answer is given up).
 """
 
 from __future__ import annotations
@@ -27,19 +28,30 @@ from chat_protocol.limits import (
     MAX_ROOMS,
     MEMBERS_MAX,
 )
+from chat_server import metrics
+from chat_server.backends import open_store, redacted
+from chat_server.backends.base import ChatStore, StoreFailed, StoreUnavailable
+from chat_server.backends.postgres import PostgresStore
+from chat_server.cluster import Cluster
 from chat_server.config import ServerConfig
 from chat_server.connections import Connection, WebSocketServer
-from chat_server.fanout import Hub, Member
-from chat_server.messages import Committed, Draft
+from chat_server.fanout import Delivery, Hub
+from chat_server.forwarded import TrustedProxies
+from chat_server.messages import Committed, Draft, EncodedFrames
 from chat_server.presence import Presence
 from chat_server.ratelimit import Limit, Quotas, Rule
 from chat_server.session import Context, Session, Slot
-from chat_server.store import Store, StoreFailed, StoreUnavailable
+from chat_server.shared_limits import SharedQuotas
 
 log = logging.getLogger(__name__)
 
 #: How long /healthz waits for its probe write before it answers 503.
 HEALTH_TIMEOUT = 3.0
+#: Seconds a shutdown gives the store once the connections are closed: the writer's queue,
+#: in a cluster the quota charges and the goodbye to the other replicas. PostgreSQL that
+#: does not answer (a partition, a paused container) is then given up, so the process
+#: still exits well inside Docker's 10 s grace.
+TEARDOWN_TIMEOUT = 1.5
 #: How long a successful /healthz probe is reused: a flood of checks costs one write a
 #: second. A failure is not reused: the next check probes again (a failed probe commits
 #: nothing), so recovery shows at once.
@@ -49,14 +61,37 @@ HEALTH_CACHE = 1.0
 class ChatServer:
     """The running server; also the store's commit listener."""
 
-    def __init__(self, config: ServerConfig, store: Store) -> None:
+    def __init__(self, config: ServerConfig, store: ChatStore) -> None:
         self.config = config
         self.store = store
         self.hub = Hub(config.send_buffer_limit)
+        presence = Presence(self.hub)
+        encoded = EncodedFrames()
+        #: Set when the store is shared by several replicas (PostgreSQL).
+        self.cluster: Cluster | None = None
         self.quotas = Quotas(_rules(config))
+        if isinstance(store, PostgresStore):
+            self.cluster = Cluster(
+                store, self.hub, presence, timeout=config.replica_timeout, encoded=encoded
+            )
+            self.quotas = SharedQuotas(
+                _rules(config),
+                store,
+                self.cluster.replica,
+                connections=lambda: self.server.per_address,
+            )
         self.ctx = Context(
-            config, store, self.hub, Presence(self.hub), self.quotas, _announced_limits(config)
+            config,
+            store,
+            self.hub,
+            presence,
+            self.quotas,
+            _announced_limits(config),
+            cluster=self.cluster,
+            encoded=encoded,
         )
+        #: Behind a reverse proxy: the client's address, from X-Forwarded-For.
+        self.proxies = TrustedProxies(config.trusted_proxies)
         self.server = WebSocketServer(
             self.open,
             responder=self.respond,
@@ -97,9 +132,14 @@ class ChatServer:
         return session
 
     async def respond(self, connection: Connection, request: Request) -> Response | None:
-        """Answer plain HTTP (``/healthz``, 429 over the HTTP rate), or None: go on with
-        the WebSocket handshake (the layer applies the connection limit per address)."""
-        ip = connection.ip
+        """Answer plain HTTP (``/healthz``, ``/metrics``, 429 over the HTTP rate), or None:
+        go on with the WebSocket handshake (the layer applies the connection limit per
+        address; in a cluster it is checked here against every replica's count too).
+
+        Behind a trusted proxy the client's address comes from ``X-Forwarded-For``.
+        """
+        forwarded = request.headers.get_all("X-Forwarded-For")
+        ip = connection.ip = await self.proxies.client_ip(connection.ip, forwarded)
         wait = await self.quotas.take(Limit.ADDRESS_HTTP, ip)
         if wait:
             response = connection.respond(
@@ -107,12 +147,27 @@ class ChatServer:
             )
             response.headers["Retry-After"] = str(max(1, round(wait)))
             return response
+        if request.path == "/metrics":
+            data, content_type = metrics.exposition()
+            response = connection.respond(HTTPStatus.OK, "")
+            for name, value in (("Content-Type", content_type), ("Content-Length", len(data))):
+                del response.headers[name]  # Headers is a multidict: replace, not add
+                response.headers[name] = str(value)
+            response.body = data
+            return response
         if request.path == "/healthz":
             error = await self.health()
             if error is not None:
                 text = f"database not writable: {error}\n"
                 return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, text)
             return connection.respond(HTTPStatus.OK, "OK\n")
+        limit = self.config.max_connections_per_ip
+        if limit and isinstance(self.quotas, SharedQuotas):
+            here = self.server.per_address.get(ip, 0)
+            if here + self.quotas.elsewhere.get(ip, 0) >= limit:
+                log.warning("refused %s: already %d connections from it in the cluster", ip, limit)
+                text = f"too many connections from {ip} (limit {limit})\n"
+                return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, text)
         return None
 
     async def health(self) -> str | None:
@@ -123,11 +178,16 @@ class ChatServer:
         """
         healthy_at = self._healthy_at
         now = asyncio.get_running_loop().time()
-        if healthy_at is not None and self.store.writable and now - healthy_at < HEALTH_CACHE:
+        fresh = healthy_at is not None and now - healthy_at < HEALTH_CACHE
+        if fresh and self.store.writable and self._stream_healthy():
             return None
         if self._health_probe is None:
             self._health_probe = asyncio.create_task(self._probe())
         return await asyncio.shield(self._health_probe)
+
+    def _stream_healthy(self) -> bool:
+        """In a cluster, whether this replica hears the other replicas' commits."""
+        return self.cluster is None or self.cluster.healthy
 
     async def _probe(self) -> str | None:
         error: str | None = None
@@ -136,6 +196,8 @@ class ChatServer:
                 await self.store.probe()
         except (StoreUnavailable, StoreFailed, TimeoutError) as exc:
             error = self.store.last_error or str(exc) or type(exc).__name__
+        if error is None and not self._stream_healthy():
+            error = "the live message stream between replicas (LISTEN) is not connected"
         self._healthy_at = asyncio.get_running_loop().time() if error is None else None
         self._health_probe = None
         return error
@@ -144,30 +206,32 @@ class ChatServer:
 
     def committed(self, results: Sequence[Committed]) -> None:
         """Fan a committed batch out in id order, then each sender's answers in order."""
-        hub, encoded = self.hub, self.ctx.encoded
-        rooms = {r.message.room for r in results if r.fresh and r.message.room is not None}
-        deliveries = self.ctx.presence.before_messages(rooms)
+        hub = self.hub
+        deliveries: list[Delivery] = []
+        delivered = fresh = acks = 0
+        # In a cluster every replica delivers messages from the ordered stream
+        # (chat_server.cluster), its own commits included; here only the answers.
+        if self.cluster is None:
+            deliveries, delivered = hub.deliveries(
+                [r.message for r in results if r.fresh],
+                self.ctx.presence.before_messages,
+                self.ctx.encoded,
+            )
         answered: dict[Session, None] = {}
         for result in results:
-            message = result.message
-            if result.fresh:
-                recipients: list[Member]
-                if message.room is not None:
-                    recipients = list(hub.room_members(message.room))
-                else:
-                    recipients = [
-                        member
-                        for key in dict.fromkeys((message.sender_key, message.recipient_key))
-                        if key is not None and (member := hub.online.get(key)) is not None
-                    ]
-                deliveries.append((recipients, encoded(message), message))
+            fresh += result.fresh
             slot = result.draft.origin
             if isinstance(slot, Slot):
-                slot.owner.acked(slot, message)
+                slot.owner.acked(slot, result.message)
                 answered[slot.owner] = None
+                acks += 1
         for session in answered:
             deliveries.extend(([session], data, None) for data in session.ready())
         hub.publish_many(deliveries)
+        metrics.MESSAGES.inc(fresh)
+        metrics.ACKS.inc(acks)
+        metrics.DELIVERIES.inc(delivered)
+        metrics.BATCH_SIZE.observe(len(results))
 
     def failed(self, drafts: Sequence[Draft], error: Exception) -> None:
         for draft in drafts:
@@ -226,25 +290,53 @@ def _announced_limits(config: ServerConfig) -> dict[str, Any]:
     }
 
 
+async def _leave_cluster(chat: ChatServer, store: PostgresStore) -> None:
+    """Charge the pending quotas, say goodbye to the other replicas and let the writer
+    commit its queue, within ``TEARDOWN_TIMEOUT``; then drop every connection to
+    PostgreSQL, so that what still waits on it fails at once (what the writer held was
+    never acknowledged: clients resend it by cid)."""
+
+    async def leave() -> None:
+        if isinstance(chat.quotas, SharedQuotas):
+            await chat.quotas.stop()
+        if chat.cluster is not None:
+            await chat.cluster.stop()
+        await store.close()
+
+    work = asyncio.ensure_future(leave())
+    done, _ = await asyncio.wait([work], timeout=TEARDOWN_TIMEOUT)
+    if not done:
+        log.warning(
+            "PostgreSQL did not answer within %.1f s: dropping its connections", TEARDOWN_TIMEOUT
+        )
+        store.terminate()
+        if chat.cluster is not None:
+            chat.cluster.terminate()
+        done, _ = await asyncio.wait([work], timeout=0.5)
+        if not done:
+            log.error("the store did not close after its connections were dropped")
+            work.cancel()
+            return
+    work.result()
+
+
 @asynccontextmanager
 async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
     """Open the database and serve; on exit shut down gracefully in the documented order."""
-    store = await Store.open(
-        config.db,
-        synchronous=config.synchronous,
-        batch_max=config.batch_max,
-        queue_max=config.queue_max,
-        batch_wait=config.batch_wait_ms / 1000,
-    )
+    store = await open_store(config)
     chat = ChatServer(config, store)
     store.start(chat)
     try:
+        if chat.cluster is not None:
+            await chat.cluster.start()
+        if isinstance(chat.quotas, SharedQuotas):
+            chat.quotas.start()
         await chat.server.listen(config.host, config.port)
         log.info(
             "listening on %s:%d, database %s (last id %d, epoch %s)",
             config.host,
             chat.port,
-            config.db,
+            redacted(str(config.db)),
             store.last_id,
             store.epoch,
         )
@@ -254,7 +346,10 @@ async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
             log.info("shutting down: closing connections with 1001")
             await chat.server.shutdown(grace=config.shutdown_timeout)
     finally:
-        await store.close()
+        if isinstance(store, PostgresStore):
+            await _leave_cluster(chat, store)
+        else:
+            await store.close()
         log.info(
             "database closed; last id %d; %d messages in %d group commits",
             store.last_id,

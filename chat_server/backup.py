@@ -4,8 +4,9 @@ Uses SQLite's online backup API in one step: the copy is one read transaction, a
 consistent snapshot, while the server keeps writing (in WAL mode writers do not block a
 reader). A backup in many small steps would start over each time the server commits, and
 never finish on a large database under steady writes. The copy is then checked with
-``PRAGMA integrity_check``. The source is ``--db`` or ``CHAT_DB`` (default ``chat.db``).
-Exit status 0 only if the copy is complete and intact.
+``PRAGMA integrity_check``. The source is ``--db`` or ``CHAT_DB`` (default ``chat.db``),
+as the server reads it. Exit status 0 only if the copy is complete and intact; 2 for a
+PostgreSQL store, which is backed up with PostgreSQL's own ``pg_dump``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from chat_server.backends import is_postgres, sqlite_path
+
+PG_DUMP = (
+    "the store is PostgreSQL: back it up with pg_dump, e.g. docker compose -f compose.yaml"
+    " -f compose.cluster.yaml exec postgres pg_dump -U chat chat > chat.sql"
+)
 
 
 def backup(source: Path, dest: Path) -> tuple[str, int]:
@@ -44,14 +52,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("dest", type=Path, help="file to write the copy to")
     parser.add_argument(
         "--db",
-        type=Path,
-        default=Path(os.environ.get("CHAT_DB", "chat.db")),
-        help="database to copy [CHAT_DB, default chat.db]",
+        default=os.environ.get("CHAT_DB", "chat.db"),
+        help="database to copy: a path or sqlite:///path [CHAT_DB, default chat.db]",
     )
     args = parser.parse_args(argv)
+    if is_postgres(args.db):
+        print(PG_DUMP, file=sys.stderr)
+        sys.exit(2)
     try:
-        integrity, count = backup(args.db, args.dest)
-    except (OSError, sqlite3.Error) as exc:
+        integrity, count = backup(sqlite_path(args.db), args.dest)
+    except (OSError, sqlite3.Error, ValueError) as exc:
         print(f"backup failed: {exc}", file=sys.stderr)
         sys.exit(1)
     print(f"{args.dest}: {count} messages, integrity_check: {integrity}")

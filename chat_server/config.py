@@ -10,18 +10,18 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import get_args
 
 from chat_protocol.limits import MAX_SERVER_FRAME_BYTES
-from chat_server.store import Synchronous
+from chat_server.backends.sqlite import Synchronous
 
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8765
-    db: Path = Path("chat.db")
+    #: The store: a SQLite file (a path or ``sqlite:///path``) or ``postgresql://...``.
+    db: str = "chat.db"
     #: SQLite ``synchronous`` in WAL mode. FULL: an acknowledged message survives power
     #: loss. NORMAL: it survives a crash of the server process (kill -9) but the last
     #: commits may be lost if the machine itself loses power.
@@ -57,6 +57,9 @@ class ServerConfig:
     # every host client of the compose deployment, arrives from one address.
     #: Open connections from one address; more get HTTP 429.
     max_connections_per_ip: int = 64
+    #: Reverse proxies whose X-Forwarded-For is believed: comma-separated addresses,
+    #: networks or host names (``haproxy``). Empty: the peer's address is the client's.
+    trusted_proxies: str = ""
     #: Messages per second (and burst) from one address, all nicks together.
     address_rate: float = 200.0
     address_burst: int = 400
@@ -79,6 +82,9 @@ class ServerConfig:
     close_timeout: float = 5.0
     #: Seconds a shutdown waits for closing handshakes before it drops what is left.
     shutdown_timeout: float = 2.0
+    #: PostgreSQL only: seconds without a heartbeat before a replica counts as dead and
+    #: its sessions end (the others announce them as gone).
+    replica_timeout: float = 10.0
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -96,7 +102,7 @@ _ENV = {f.name: "CHAT_" + f.name.upper() for f in fields(ServerConfig)}
 _HELP = {
     "host": "address to listen on",
     "port": "TCP port for WebSocket and /healthz (0: any free port)",
-    "db": "SQLite database file",
+    "db": "database: a SQLite file (path or sqlite:///path) or postgresql://user:pw@host/db",
     "synchronous": "SQLite synchronous mode (FULL survives power loss, NORMAL a crash)",
     "batch_max": "most messages in one group commit (at most 2000)",
     "batch_wait_ms": "milliseconds a batch waits for more messages before its commit",
@@ -112,6 +118,7 @@ _HELP = {
     "catchup_concurrency": "catch-ups reading the database at once, server-wide",
     "nick_claim_ttl": "seconds before an unconfirmed nick registration may be claimed afresh",
     "max_connections_per_ip": "open connections from one IP address, 0 for no limit (429)",
+    "trusted_proxies": "proxies whose X-Forwarded-For gives the client address (names, CIDRs)",
     "address_rate": "messages per second from one address, 0 for no limit",
     "address_burst": "burst of messages from one address",
     "catchup_rate": "catch-up units per second from one address, 0 for no limit",
@@ -126,6 +133,7 @@ _HELP = {
     "ping_timeout": "seconds to wait for a pong before closing",
     "close_timeout": "seconds to wait for a closing handshake",
     "shutdown_timeout": "seconds a shutdown waits for closing handshakes, then drops the rest",
+    "replica_timeout": "PostgreSQL: seconds of silence before a replica counts as dead",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
 

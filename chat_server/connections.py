@@ -212,9 +212,13 @@ class Connection(asyncio.Protocol):
 
     @property
     def remote(self) -> str:
-        """``host:port`` of the client, for logs."""
+        """``host:port`` of the client, for logs; ``client via host:port`` when the
+        responder set :attr:`ip` from a trusted proxy's ``X-Forwarded-For``."""
         address = self.remote_address
-        return f"{address[0]}:{address[1]}" if address else "?"
+        if not address:
+            return "?"
+        peer = f"{address[0]}:{address[1]}"
+        return peer if self._ip == str(address[0]) else f"{self._ip} via {peer}"
 
     @property
     def ip(self) -> str:

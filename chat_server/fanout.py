@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from chat_protocol import CloseCode
@@ -61,6 +61,19 @@ class Member(Protocol):
         """Close the member's connection in the background and take it out of the hub."""
 
 
+class RemoteView(Protocol):
+    """Who is online on the *other* replicas of a cluster (``chat_server.cluster``)."""
+
+    def nicks(self, room: str | None) -> list[str]:
+        """Nicks in ``room`` elsewhere; with None, every nick online elsewhere."""
+
+    def count(self, room: str) -> int:
+        """Members of ``room`` elsewhere."""
+
+    def is_online(self, key: str) -> bool:
+        """Whether the nick is live on another replica."""
+
+
 class Hub:
     def __init__(self, buffer_limit: int) -> None:
         self.buffer_limit = buffer_limit
@@ -70,6 +83,8 @@ class Hub:
         #: kept as members come and go: a page of members is a bisect and a slice, not a
         #: sort of the whole room for every joiner (a mass join would cost N² log N).
         self._sorted: dict[str | None, list[str]] = {None: []}
+        #: In a cluster: the other replicas' members, so that who/rooms/joined see them.
+        self.remote: RemoteView | None = None
 
     # --- membership ------------------------------------------------------------------
 
@@ -128,24 +143,71 @@ class Hub:
             del self._sorted[room]
 
     def members(self, room: str | None) -> list[str]:
-        """A room's nicks (everybody online if ``room`` is None), case-insensitive order."""
-        return list(self._sorted.get(room, ()))
+        """A room's nicks (everybody online if ``room`` is None), case-insensitive order.
+
+        In a cluster, the members on every replica.
+        """
+        return list(self._listed(room))
+
+    def _listed(self, room: str | None) -> list[str]:
+        """The sorted nicks of ``room``: this process's own list as it is (not a copy),
+        merged with the other replicas' members in a cluster."""
+        here = self._sorted.get(room, [])
+        if self.remote is None:
+            return here
+        elsewhere = self.remote.nicks(room)
+        if not elsewhere:
+            return here
+        nicks = {nick.lower(): nick for nick in elsewhere}
+        nicks.update((nick.lower(), nick) for nick in here)
+        return sorted(nicks.values(), key=str.lower)
+
+    def is_online(self, key: str) -> bool:
+        """Whether a nick is live here (or, in a cluster, on any replica)."""
+        return key in self.online or (self.remote is not None and self.remote.is_online(key))
 
     def member_page(
         self, room: str | None, after: str | None, limit: int
     ) -> tuple[list[str], bool]:
         """:meth:`members` after the nick ``after``: at most ``limit``, and whether more follow."""
-        nicks = self._sorted.get(room, [])
+        nicks = self._listed(room)
         start = bisect_right(nicks, after.lower(), key=str.lower) if after is not None else 0
         return nicks[start : start + limit], start + limit < len(nicks)
 
     def count(self, room: str) -> int:
-        return len(self.rooms.get(room, {}))
+        here = len(self.rooms.get(room, {}))
+        return here + (self.remote.count(room) if self.remote is not None else 0)
 
     # --- delivery --------------------------------------------------------------------
 
     def room_members(self, room: str) -> Iterable[Member]:
         return self.rooms.get(room, {}).values()
+
+    def recipients(self, message: StoredMessage) -> list[Member]:
+        """This process's members who get a stored message: its room, or the DM's two ends."""
+        if message.room is not None:
+            return list(self.room_members(message.room))
+        keys = dict.fromkeys((message.sender_key, message.recipient_key))
+        return [m for key in keys if key is not None and (m := self.online.get(key)) is not None]
+
+    def deliveries(
+        self,
+        messages: Sequence[StoredMessage],
+        presence_first: Callable[[set[str]], list[Delivery]],
+        encoded: Callable[[StoredMessage], bytes],
+    ) -> tuple[list[Delivery], int]:
+        """A committed batch as deliveries, in id order, after its rooms' queued presence
+        (``presence_first``: "bob joined" goes before what bob says); and how many
+        ``msg`` frames that makes. ``encoded`` gives a message's ``msg`` frame (the
+        session context's cache, which catch-ups read too)."""
+        rooms = {m.room for m in messages if m.room is not None}
+        deliveries = presence_first(rooms)
+        count = 0
+        for message in messages:
+            recipients = self.recipients(message)
+            count += len(recipients)
+            deliveries.append((recipients, encoded(message), message))
+        return deliveries, count
 
     def publish(
         self, recipients: Iterable[Member], data: bytes, message: StoredMessage | None = None

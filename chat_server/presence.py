@@ -55,6 +55,10 @@ class Presence:
     def renamed(self, room: str, old: str, member: Member) -> None:
         self._queue(room).append(("rename", member.nick, old, member))
 
+    def remote(self, room: str, event: str, nick: str, old: str | None = None) -> None:
+        """A member of another replica joined, left or was renamed (``chat_server.cluster``)."""
+        self._queue(room).append((event, nick, old, None))
+
     def seen(self, room: str, member: Member) -> None:
         """``member`` has just been sent the room's member list: what came before is known."""
         events = self._events.get(room)

@@ -32,7 +32,7 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chat_protocol import PROTOCOL_VERSION, CloseCode, ErrorCode, ProtocolError, decode, encode
 from chat_protocol.frames import (
@@ -52,13 +52,17 @@ from chat_protocol.frames import (
 )
 from chat_protocol.limits import HISTORY_DEFAULT, MAX_ROOMS, MEMBERS_MAX
 from chat_protocol.names import nick_key
+from chat_server import metrics
+from chat_server.backends.base import ChatStore, ClaimStatus, NickClaim, StoreUnavailable
 from chat_server.config import ServerConfig
 from chat_server.connections import Link
 from chat_server.fanout import Hold, Hub, Member
 from chat_server.messages import Draft, EncodedFrames, Scope, StoredMessage
 from chat_server.presence import Presence
 from chat_server.ratelimit import Limit, Quotas, TokenBucket
-from chat_server.store import ClaimStatus, NickClaim, Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from chat_server.cluster import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +84,20 @@ class Context:
     """What every session shares."""
 
     config: ServerConfig
-    store: Store
+    store: ChatStore
     hub: Hub
     presence: Presence
     quotas: Quotas
     limits: dict[str, Any]
+    #: Set when this server is one replica of a cluster (a PostgreSQL store).
+    cluster: Cluster | None = None
     #: Catch-up reads (with their encoding) running at once, server-wide.
     catchups: asyncio.Semaphore = field(init=False)
     #: Recent messages' ``msg`` frames, encoded once for every client that needs them.
-    encoded: EncodedFrames = field(init=False)
+    encoded: EncodedFrames = field(default_factory=EncodedFrames)
 
     def __post_init__(self) -> None:
         self.catchups = asyncio.Semaphore(self.config.catchup_concurrency)
-        self.encoded = EncodedFrames()
 
 
 class Slot:
@@ -151,6 +156,7 @@ class Session:
     # --- the connection's life, as the link reports it ------------------------------------
 
     def opened(self) -> None:
+        metrics.CONNECTIONS.inc()
         # The connection layer's sweep enforces it: no timer per connection.
         self.link.close_after(self.ctx.config.hello_timeout, CloseCode.POLICY, "no hello in time")
 
@@ -181,6 +187,7 @@ class Session:
 
     def closed(self, code: int, reason: str) -> None:
         """The connection layer says the WebSocket closed (1006: without a close frame)."""
+        metrics.CONNECTIONS.dec()
         self._stop()
         log.info(
             "%s (%s) disconnected: code %s %s", self.nick or "?", self.link.remote, code, reason
@@ -207,6 +214,8 @@ class Session:
         hub = self.ctx.hub
         if not self.nick_key or hub.online.get(self.nick_key) is not self:
             return
+        if self.ctx.cluster is not None:
+            self.ctx.cluster.offline(self)
         for room in hub.remove(self):
             self.ctx.presence.left(room, self.nick)
 
@@ -389,7 +398,7 @@ class Session:
             nick,
             key,
             secret,
-            online=key in self.ctx.hub.online,
+            online=self.ctx.hub.is_online(key),
             may_register=not wait,
             claim_ttl=self.ctx.config.nick_claim_ttl,
         )
@@ -425,16 +434,17 @@ class Session:
     async def _hello(self, hello: Hello, ref: str | None) -> None:
         await self._new_rooms(hello.rooms, len(hello.rooms) + 1)
         claim = await self._claim(hello.nick, hello.secret)
+        key = nick_key(claim.nick)
+        elsewhere = await self._go_online(claim.nick, hello.rooms, hello.takeover)
         # From here to the hub, no await: one nick, one live session.
         hub, presence = self.ctx.hub, self.ctx.presence
-        key = nick_key(claim.nick)
         holder = hub.online.get(key)
         if holder is not None and not hello.takeover:
             raise ProtocolError(
                 ErrorCode.NICK_IN_USE, f"{claim.nick} is connected elsewhere; nothing was changed"
             )
         self.nick, self.nick_key, self.since = claim.nick, key, claim.since
-        previous = self._replace(holder)
+        previous = self._replace(holder) + elsewhere
         self.link.close_after(None)
         self.hold = Hold()
         hub.add(self)
@@ -471,16 +481,46 @@ class Session:
                 covered = await self._replay(hello.resume, hello.rooms)
             else:
                 covered = await self._recent(hello.rooms, hello.history)
+            await self._caught_up()
             self.link.write([_SYNCED])
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if not isinstance(exc, StoreUnavailable):
+            if not isinstance(exc, StoreUnavailable | _CatchupFailed):
                 log.exception("the catch-up of %s failed", self.nick)
             self.kick(CloseCode.INTERNAL, "the catch-up failed; reconnect with resume")
             raise _CatchupFailed from exc
         finally:
             self._release(covered)
+
+    async def _go_online(self, nick: str, rooms: Sequence[str], takeover: bool) -> list[str]:
+        """In a cluster: become the nick's one live session on every replica (else no-op).
+
+        Returns the rooms the nick was in on other replicas (a takeover from there is not
+        a join). Raises ``nick_in_use`` (``takeover`` false and the nick is live
+        elsewhere) or StoreUnavailable; closes with 4001 when another session of the
+        nick went online after this one while it waited.
+        """
+        cluster = self.ctx.cluster
+        if cluster is None:
+            return []
+        taken = await cluster.online(self, nick, nick_key(nick), rooms, takeover, self.link.ip)
+        if taken is None:
+            raise ProtocolError(
+                ErrorCode.NICK_IN_USE, f"{nick} is connected elsewhere; nothing was changed"
+            )
+        return taken
+
+    async def _caught_up(self) -> None:
+        """In a cluster: before a hold ends, let the live stream pass what was just read.
+
+        When that cannot be known the connection is closed (the client resumes) rather
+        than risk showing a message twice.
+        """
+        cluster = self.ctx.cluster
+        if cluster is not None and not await cluster.caught_up():
+            self.kick(CloseCode.INTERNAL, "the live stream is unavailable; reconnect with resume")
+            raise _CatchupFailed
 
     def _joined(self, room: str, ref: str | None) -> bytes:
         members, more = self.ctx.hub.member_page(room, None, MEMBERS_MAX)
@@ -518,6 +558,7 @@ class Session:
                 if truncated:
                     break
         if truncated:
+            metrics.RESUME_GAPS.inc()
             self.link.write([encode({"type": "gap", "after": after, "before": oldest})])
         if kept is not None:
             await self._paced(kept[::-1])
@@ -673,6 +714,8 @@ class Session:
         if not already and len(self.rooms) >= MAX_ROOMS:
             raise ProtocolError(ErrorCode.TOO_MANY_ROOMS, f"at most {MAX_ROOMS} rooms at once")
         await self._new_rooms([join.room], 1)
+        if self.ctx.cluster is not None and not already:
+            await self.ctx.cluster.room(self, join.room, joined=True)
         self.hold = Hold()
         covered: Covered = _nothing
         try:
@@ -688,6 +731,7 @@ class Session:
             frame, newest = await self._history(head, scope, None, HISTORY_DEFAULT, budget)
             await self._paced([frame])
             covered = lambda m: m.room == join.room and m.id <= newest  # noqa: E731
+            await self._caught_up()
         finally:
             self._release(covered)
         return ()
@@ -696,12 +740,15 @@ class Session:
         hub = self.ctx.hub
         if not hub.is_member(self, leave.room):
             raise ProtocolError(ErrorCode.NOT_IN_ROOM, f"you are not in #{leave.room}")
+        if self.ctx.cluster is not None:
+            await self.ctx.cluster.room(self, leave.room, joined=False)
         hub.leave(self, leave.room)
         self.ctx.presence.left(leave.room, self.nick)
         return [encode(_with_ref({"type": "left", "room": leave.room}, ref))]
 
     async def _nick(self, request: Nick, ref: str | None) -> Sequence[bytes]:
         claim = await self._claim(request.nick, request.secret)
+        elsewhere = await self._go_online(claim.nick, self.rooms, request.takeover)
         hub, presence = self.ctx.hub, self.ctx.presence
         key = nick_key(claim.nick)
         holder = hub.online.get(key)
@@ -710,7 +757,7 @@ class Session:
                 ErrorCode.NICK_IN_USE, f"{claim.nick} is connected elsewhere; nothing was changed"
             )
         old, rooms = self.nick, list(self.rooms)
-        taken = self._replace(holder)
+        taken = self._replace(holder) + elsewhere
         hub.remove(self)
         self.nick, self.nick_key, self.since = claim.nick, key, claim.since
         hub.add(self)
@@ -796,6 +843,7 @@ def _error(
     cid: str | None = None,
     **extra: Any,
 ) -> bytes:
+    metrics.ERRORS.labels(code.value).inc()
     frame: Frame = {"type": "error", "code": code.value, "message": message}
     if ref is not None:
         frame["ref"] = ref

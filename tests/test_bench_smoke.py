@@ -11,6 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.__main__ import report
+from bench.workloads import Result
+
 STORM_CLIENTS, STORM_ROOMS, STORM_BACKLOG = 60, 3, 4
 
 
@@ -53,7 +56,7 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
         timeout=110,
     )
     assert done.returncode == 0, done.stderr
-    assert "fanout: server CPU per delivery chat/relay" in done.stdout
+    assert "fanout: server CPU per delivery chat/relay" in done.stdout, done.stdout
     data = json.loads(out.read_text())
     results = {(r["workload"], r["target"]): r["figures"] for r in data["results"]}
     assert set(results) == {
@@ -89,3 +92,15 @@ def test_bench_smoke_run(tmp_path: Path) -> None:
     # Every client missed its room's backlog and got all of it back in the replay.
     assert storm["replayed_msgs"] >= STORM_CLIENTS * STORM_BACKLOG
     assert picture.read_bytes().startswith(b"\x89PNG")
+
+
+def test_the_fanout_line_is_there_when_the_relay_used_no_measurable_cpu() -> None:
+    """CPU comes in clock ticks: a short run's relay may use none, and the smoke run above
+    once failed for want of this line."""
+    fanout = {"server_cpu_us_per_delivery": 0.0, "p99_ms": 5.0, "lost": 0}
+    results = [
+        Result("fanout", "relay", fanout),
+        Result("fanout", "chat", {**fanout, "server_cpu_us_per_delivery": 41.67}),
+    ]
+    text = report(results, {"before": (0, 0, 0), "after": (0, 0, 0)})
+    assert "fanout: server CPU per delivery chat/relay = n/a" in text

@@ -76,3 +76,40 @@ def test_chaos_run_on_the_deployment_finds_nothing_lost_or_doubled() -> None:
             capture_output=True,
             timeout=120,
         )
+
+
+CLUSTER_LOAD = ("--clients", "3", "--count", "150", "--interval", "0.2")
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_chaos_run_on_the_cluster_finds_nothing_lost_or_doubled() -> None:
+    """kill -9 a replica, restart PostgreSQL, cut a replica off: checked against PostgreSQL.
+
+    Five messages per second per probe for 30 s, so that every fault happens under
+    traffic.
+    """
+    project = f"chat-chaos-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "COMPOSE_PROJECT_NAME": project, "CHAT_PUBLISH_PORT": "0"}
+    cluster = "compose.yaml:compose.cluster.yaml"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "chaos", "--cluster", *CLUSTER_LOAD],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=800,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "chaos: every acknowledged message stored once" in done.stdout
+        for fault in ("kill -9", "restart PostgreSQL", "off the network"):
+            assert fault in done.stdout
+    finally:
+        subprocess.run(
+            ["docker", "compose", "down", "-v", "--timeout", "5"],
+            cwd=ROOT,
+            env={**env, "COMPOSE_FILE": cluster},
+            capture_output=True,
+            timeout=120,
+        )

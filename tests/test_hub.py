@@ -60,3 +60,35 @@ def test_member_lists_stay_sorted_and_exact(
                 assert hub.count(name) == len(expected)
             rest = [n for n in expected if after is None or n.lower() > after.lower()]
             assert hub.member_page(name, after, limit) == (rest[:limit], len(rest) > limit)
+
+
+@dataclass
+class FakeRemote:
+    """The other replicas of a cluster: nicks per room (None: everyone online there)."""
+
+    rooms: dict[str | None, list[str]]
+
+    def nicks(self, room: str | None) -> list[str]:
+        return list(self.rooms.get(room, []))
+
+    def count(self, room: str) -> int:
+        return len(self.rooms.get(room, []))
+
+    def is_online(self, key: str) -> bool:
+        return any(nick.lower() == key for nick in self.rooms.get(None, []))
+
+
+def test_a_cluster_page_of_members_merges_this_replica_and_the_others() -> None:
+    hub = Hub(buffer_limit=1 << 20)
+    for nick in ("bob", "Dave", "frank"):
+        member = FakeMember(nick)
+        hub.add(member)
+        hub.join(member, "a")
+    hub.remote = FakeRemote({None: ["alice", "Carol", "eve", "bob"], "a": ["alice", "eve"]})
+    assert hub.members(None) == ["alice", "bob", "Carol", "Dave", "eve", "frank"]
+    assert hub.members("a") == ["alice", "bob", "Dave", "eve", "frank"]
+    assert hub.member_page("a", None, 2) == (["alice", "bob"], True)
+    assert hub.member_page("a", "bob", 2) == (["Dave", "eve"], True)
+    assert hub.member_page("a", "eve", 2) == (["frank"], False)
+    assert hub.count("a") == 5 and hub.is_online("carol") and not hub.is_online("zed")
+    assert hub.members("b") == []

@@ -1,4 +1,5 @@
-"""The server against real websocket clients, a real SQLite file, on port 0."""
+"""The server against real websocket clients, on port 0, on each store (a real SQLite
+file, a real PostgreSQL database: ``tests/stores.py``)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.helpers import NO_LIMITS, Peer, peer, server, url
-
-
-def rows(db: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
-    with sqlite3.connect(db) as conn:
-        return conn.execute(sql, params).fetchall()
+from tests.stores import (  # noqa: F401 (db: SQLite and PostgreSQL)
+    db_on_both_stores,
+    db_rows,
+    writes_refused,
+)
 
 
 async def test_hello_welcome_secret_lobby_and_history(db: Path) -> None:
@@ -73,7 +74,7 @@ async def test_live_history_and_id_order_agree_for_every_client(db: Path) -> Non
         await w.send({"type": "history", "room": "lobby", "limit": 200, "ref": "h"})
         history = await w.expect("history", ref="h")
         assert [m["id"] for m in history["messages"]] == seen["w"]
-    stored = [r[0] for r in rows(db, "SELECT id FROM messages ORDER BY id")]
+    stored = [r[0] for r in await db_rows(db, "SELECT id FROM messages ORDER BY id")]
     assert stored == seen["w"]
 
 
@@ -81,7 +82,7 @@ async def test_ack_comes_after_commit(db: Path) -> None:
     async with server(db) as chat, peer(chat, "alice") as alice:
         ack = await alice.say("durable")
         # Read through another connection, as a fresh process would after a crash.
-        found = rows(db, "SELECT id, body FROM messages WHERE cid = ?", ack["cid"])
+        found = await db_rows(db, "SELECT id, body FROM messages WHERE cid = ?", ack["cid"])
         assert found == [(ack["id"], "durable")]
 
 
@@ -97,7 +98,7 @@ async def test_retry_of_same_cid_stores_nothing_new(db: Path) -> None:
         async with peer(chat, "alice", secret=alice.welcome["secret"]) as alice2:
             third = await alice2.say("once", cid="fixed-id")
             assert third["id"] == first["id"]
-    assert rows(db, "SELECT COUNT(*) FROM messages") == [(1,)]
+    assert await db_rows(db, "SELECT COUNT(*) FROM messages") == [(1,)]
 
 
 async def test_same_cid_twice_in_one_batch(db: Path) -> None:
@@ -109,7 +110,7 @@ async def test_same_cid_twice_in_one_batch(db: Path) -> None:
         acks = [f for f in frames if f["type"] == "ack"]
         assert len(acks) == 2 and acks[0]["id"] == acks[1]["id"]
         assert len([f for f in frames if f["type"] == "msg"]) == 1
-    assert rows(db, "SELECT COUNT(*) FROM messages") == [(1,)]
+    assert await db_rows(db, "SELECT COUNT(*) FROM messages") == [(1,)]
 
 
 async def test_nicks_cannot_be_stolen(db: Path) -> None:
@@ -323,7 +324,7 @@ async def test_bad_input_gets_errors_and_others_are_unaffected(db: Path) -> None
         msg = await bob.expect("msg")
         assert msg["body"] == "alice is fine"
         await bob.say("and bob can still talk")
-    assert rows(db, "SELECT body FROM messages ORDER BY id") == [
+    assert await db_rows(db, "SELECT body FROM messages ORDER BY id") == [
         ("alice is fine",),
         ("and bob can still talk",),
     ]
@@ -362,7 +363,7 @@ async def test_flood_is_limited_then_disconnected(db: Path) -> None:
                     break
             assert await flood.closed() == 1008
             await calm.say("calm still works")
-    stored = rows(db, "SELECT COUNT(*) FROM messages WHERE sender_key = 'flood'")[0][0]
+    stored = (await db_rows(db, "SELECT COUNT(*) FROM messages WHERE sender_key = 'flood'"))[0][0]
     assert isinstance(stored, int) and stored <= 8
 
 
@@ -406,10 +407,13 @@ async def test_slow_reader_is_dropped_and_others_keep_up(db: Path) -> None:
             assert "stuck" not in chat.hub.online
             assert chat.hub.members("lobby") == ["fast", "w"]
             assert len([f for f in await drain if f["type"] == "ack"]) == count
-    assert rows(db, "SELECT COUNT(*) FROM messages") == [(count,)]
+    assert await db_rows(db, "SELECT COUNT(*) FROM messages") == [(count,)]
 
 
-async def test_healthz_follows_database_writability(db: Path) -> None:
+async def test_healthz_follows_database_writability(tmp_path: Path) -> None:
+    """SQLite: another process holds the write lock. (PostgreSQL stopped and started:
+    tests/test_cluster.py::test_postgres_restart_unavailable_then_recovers.)"""
+    db = tmp_path / "chat.db"
     async with server(db) as chat:
         health = f"http://127.0.0.1:{chat.port}/healthz"
 
@@ -445,14 +449,12 @@ async def test_healthz_is_not_answered_from_its_cache_after_a_write_failed(db: P
                 return error.code
 
         assert await asyncio.to_thread(get) == 200  # and cached for a second
-        # SQLite refusing every write, as on a volume remounted read-only.
-        writer = chat.store._writer
-        await writer.execute("PRAGMA query_only = ON")
-        await alice.send({"type": "send", "cid": "refused", "room": "lobby", "body": "x"})
-        error = await alice.expect("error", code="unavailable")
-        assert "readonly" in error["message"]
-        assert await asyncio.to_thread(get) == 503  # within the second: not the cached 200
-        await writer.execute("PRAGMA query_only = OFF")
+        # The database refusing every write, as on a volume remounted read-only.
+        async with writes_refused(db, chat.store):
+            await alice.send({"type": "send", "cid": "refused", "room": "lobby", "body": "x"})
+            error = await alice.expect("error", code="unavailable")
+            assert "readonly" in error["message"]
+            assert await asyncio.to_thread(get) == 503  # within the second: not the cached 200
         await alice.say("stored again")
         assert await asyncio.to_thread(get) == 200  # not the cached 503 either
 

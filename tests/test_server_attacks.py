@@ -1,6 +1,9 @@
 """Attacks from outside (issue 10): one frame must never stop the server, a departed
 client's work must stop, limits must hold across connections, and the operational
-promises (shutdown, backup, /healthz) must hold whatever clients do."""
+promises (shutdown, backup, /healthz) must hold whatever clients do.
+
+Tests that take ``db`` run on both stores (``tests/stores.py``); those about one SQLite
+file (backup, memory of a mass join, framing) take ``sqlite_db``."""
 
 from __future__ import annotations
 
@@ -24,12 +27,19 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+import chat_server.backends.postgres
+import chat_server.backends.sqlite
 import chat_server.session
-import chat_server.store
 from chat_protocol.frames import History, Leave, Who
 from chat_server.app import ChatServer
 from tests.helpers import NO_LIMIT_FLAGS, NO_LIMITS, Frame, Peer, peer, server, url
 from tests.procs import ServerProcess
+from tests.stores import db_on_both_stores, db_rows  # noqa: F401 (db: SQLite and PostgreSQL)
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Path:
+    return tmp_path / "chat.db"
 
 
 def fail_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: Any) -> list[int]:
@@ -88,10 +98,14 @@ def health(chat: ChatServer) -> int:
 async def test_a_failure_in_any_writer_operation_costs_that_request_only(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = chat_server.store
+    store: Any
+    if isinstance(db, Path):
+        store, batch_step, rooms_step = chat_server.backends.sqlite, "_row", "executemany"
+    else:
+        store, batch_step, rooms_step = chat_server.backends.postgres, "channel_of", "_now_ms"
     async with server(db, **NO_LIMITS) as chat, peer(chat, "alice") as alice:
         # A batch of messages.
-        fail_once(monkeypatch, store, "_row")
+        fail_once(monkeypatch, store, batch_step)
         await alice.send({"type": "send", "cid": "m1", "room": "lobby", "body": "x", "ref": "1"})
         error = await answer(alice, "1")
         assert (error["type"], error["code"], error["cid"]) == ("error", "internal", "m1")
@@ -104,7 +118,9 @@ async def test_a_failure_in_any_writer_operation_costs_that_request_only(
         await alice.send({"type": "nick", "nick": "alice2", "ref": "4"})
         assert (await answer(alice, "4"))["type"] == "renamed"
         # Creating rooms.
-        fail_once(monkeypatch, aiosqlite.Connection, "executemany")
+        fail_once(
+            monkeypatch, aiosqlite.Connection if rooms_step == "executemany" else store, rooms_step
+        )
         await alice.send({"type": "join", "room": "new", "ref": "5"})
         assert (await answer(alice, "5"))["code"] == "internal"
         await alice.send({"type": "join", "room": "new", "ref": "6"})
@@ -123,8 +139,7 @@ async def test_a_failure_in_any_writer_operation_costs_that_request_only(
         ack = await answer(alice, "8")
         assert ack["type"] == "ack"
         await alice.say("and the writer still writes", room="new")
-    with sqlite3.connect(db) as conn:
-        cids = [cid for (cid,) in conn.execute("SELECT cid FROM messages ORDER BY id")]
+    cids = [cid for (cid,) in await db_rows(db, "SELECT cid FROM messages ORDER BY id")]
     assert cids[:2] == ["m1", "m2"] and len(cids) == 3  # each stored once
 
 
@@ -158,9 +173,9 @@ async def test_a_failure_in_a_request_handler_costs_that_request_only(
 
 
 async def test_a_catch_up_that_fails_after_welcome_closes_1011_and_nothing_else(
-    db: Path, monkeypatch: pytest.MonkeyPatch
+    sqlite_db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with server(db) as chat, peer(chat, "bob") as bob:
+    async with server(sqlite_db) as chat, peer(chat, "bob") as bob:
         fail_once(monkeypatch, chat_server.session.Session, "_recent")
         async with peer(chat) as alice:
             await alice.send({"type": "hello", "nick": "alice"})
@@ -174,8 +189,8 @@ async def test_a_catch_up_that_fails_after_welcome_closes_1011_and_nothing_else(
 # --- 2 and 3: races and undecodable frames -----------------------------------------------
 
 
-async def test_deeply_nested_json_gets_bad_json_and_the_session_stays(db: Path) -> None:
-    async with server(db) as chat, peer(chat) as p:
+async def test_deeply_nested_json_gets_bad_json_and_the_session_stays(sqlite_db: Path) -> None:
+    async with server(sqlite_db) as chat, peer(chat) as p:
         await p.ws.send("[" * 1000)
         await p.expect("error", code="bad_json")
         await p.ws.send('{"type":"hello","nick":' + "[" * 20_000 + "]" * 20_000 + "}")
@@ -204,13 +219,18 @@ async def test_a_departed_clients_catch_up_stops(db: Path) -> None:
     async with server(db, **NO_LIMITS) as chat:
         await fill(chat, rooms, 12, "\U0001f600" * 4000)
         reads: list[float] = []
-        original = chat.store._reader.execute_fetchall
+        # The one method each store reads messages through.
+        store: Any = chat.store
+        owner, name = (
+            (store._reader, "execute_fetchall") if isinstance(db, Path) else (store, "_fetch")
+        )
+        original = getattr(owner, name)
 
         async def counted(*args: Any, **kwargs: Any) -> Any:
             reads.append(time.monotonic())
             return await original(*args, **kwargs)
 
-        chat.store._reader.execute_fetchall = counted  # type: ignore[method-assign]
+        setattr(owner, name, counted)
         for n in range(8):
             ws = await connect(url(chat))
             hello = {"type": "hello", "nick": f"gone{n}", "rooms": rooms, "history": 200}
@@ -399,10 +419,10 @@ async def test_new_rooms_and_nick_registrations_have_quotas(db: Path) -> None:
             await a.say("back")
 
 
-async def test_a_mass_join_costs_linear_presence_frames(db: Path) -> None:
+async def test_a_mass_join_costs_linear_presence_frames(sqlite_db: Path) -> None:
     """300 clients join one room at once: about N presence frames, not N² (issue 10.7)."""
     count = 300
-    async with server(db, **NO_LIMITS) as chat:
+    async with server(sqlite_db, **NO_LIMITS) as chat:
         sockets = [await connect(url(chat), max_size=None) for _ in range(count)]
         try:
             peers = [Peer(ws) for ws in sockets]
@@ -479,6 +499,34 @@ async def test_an_unconfirmed_registration_expires_but_keeps_its_messages_privat
         async with peer(chat, "bob", secret=confirmed_secret) as bob:
             await bob.send({"type": "history", "with": "alice", "ref": "h"})
             assert [m["body"] for m in (await answer(bob, "h"))["messages"]] == ["for alice only"]
+
+
+async def test_the_next_holder_of_an_expired_nick_gets_its_own_message_for_a_used_cid(
+    db: Path,
+) -> None:
+    """cids are unique per holder of a nick, not per spelling: after an unconfirmed
+    registration expires, its next holder sending the same cid gets a new message stored
+    and acknowledged, never the old holder's id and ts (found by an outside tester)."""
+    async with server(db, nick_claim_ttl=1.0) as chat:
+        async with peer(chat, "alice") as old:  # a server-made secret, never presented again
+            first = await old.say("the old holder's words", cid="c1")
+        await asyncio.sleep(1.1)
+        secret = "n" + uuid.uuid4().hex
+        async with peer(chat, "alice", secret=secret) as new, peer(chat, "watch") as watch:
+            assert new.welcome.get("registered") is True
+            ack = await new.say("the new holder's words", cid="c1")
+            assert ack["id"] > first["id"]
+            got = await watch.until("msg")
+            assert [(m["id"], m["body"]) for m in got if m["type"] == "msg"] == [
+                (ack["id"], "the new holder's words")
+            ]
+            again = await new.say("the new holder's words", cid="c1")  # a retry: the same
+            assert (again["id"], again["ts"]) == (ack["id"], ack["ts"])
+    rows = await db_rows(
+        db, "SELECT id, body FROM messages WHERE sender_key = ? ORDER BY id", "alice"
+    )
+    assert [body for _, body in rows] == ["the old holder's words", "the new holder's words"]
+    assert rows[0][0] == first["id"]
 
 
 def test_no_limits_flags_match_the_settings() -> None:

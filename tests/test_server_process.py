@@ -15,7 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.helpers import NO_LIMIT_FLAGS, NO_LIMITS, peer
+from tests.helpers import NO_LIMIT_FLAGS, NO_LIMITS, peer, server
 from tests.procs import ServerProcess
 
 
@@ -127,6 +127,34 @@ async def test_live_backup_under_write_load(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         copied = dict(conn.execute("SELECT cid, id FROM messages").fetchall())
     assert all(copied.get(cid) == msg_id for cid, msg_id in before.items())
+
+
+def test_backup_takes_the_server_s_database_setting(tmp_path: Path) -> None:
+    """``CHAT_DB`` as the server reads it: ``sqlite:///`` is copied; a PostgreSQL URL gets
+    a pointer to pg_dump, never the password in the message."""
+    db = tmp_path / "chat.db"
+
+    async def create() -> None:
+        async with server(db):
+            pass
+
+    asyncio.run(create())
+    dest = tmp_path / "copy.db"
+
+    def run(setting: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "chat_server.backup", "--db", setting, str(dest)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    done = run(f"sqlite:///{db}")
+    assert done.returncode == 0, done.stderr
+    assert "integrity_check: ok" in done.stdout
+    done = run("postgresql://chat:s3cret@postgres:5432/chat")
+    assert done.returncode == 2
+    assert "pg_dump" in done.stderr and "s3cret" not in done.stderr + done.stdout
 
 
 async def test_sigterm_with_idle_half_open_and_silent_sockets_exits_0_within_3s(

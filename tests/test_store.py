@@ -13,8 +13,9 @@ import aiosqlite
 import pytest
 
 from chat_protocol import encode
+from chat_server.backends.base import ClaimStatus, StoreFailed, StoreUnavailable
+from chat_server.backends.sqlite import Store
 from chat_server.messages import Committed, Draft, EncodedFrames, StoredMessage
-from chat_server.store import ClaimStatus, Store, StoreFailed, StoreUnavailable
 
 
 class Listener:
