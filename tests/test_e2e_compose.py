@@ -400,10 +400,18 @@ def test_each_image_holds_only_its_side(
 def test_the_server_port_is_published_on_this_host_only_unless_asked(stack: Stack) -> None:
     """The README promises 127.0.0.1:8765; CHAT_PUBLISH_ADDRESS opens it to other machines."""
 
-    def published(on: Stack) -> list[tuple[str, str]]:
-        ports = json.loads(on.compose("config", "--format", "json"))["services"]["server"]["ports"]
-        return [(port.get("host_ip", "0.0.0.0"), str(port["published"])) for port in ports]
+    def published(on: Stack, *files: str) -> list[tuple[str, str]]:
+        args = [arg for file in files for arg in ("-f", file)]
+        services = json.loads(on.compose(*args, "config", "--format", "json"))["services"]
+        return [
+            (port.get("host_ip", "0.0.0.0"), str(port["published"]))
+            for service in services.values()
+            for port in service.get("ports") or []
+        ]
 
     opened = dataclasses.replace(stack, env={**stack.env, "CHAT_PUBLISH_ADDRESS": "0.0.0.0"})
+    cluster = ("compose.yaml", "compose.cluster.yaml")
     assert published(stack) == [("127.0.0.1", str(stack.port))]
     assert published(opened) == [("0.0.0.0", str(stack.port))]
+    assert published(stack, *cluster) == [("127.0.0.1", str(stack.port))]
+    assert published(opened, *cluster) == [("0.0.0.0", str(stack.port))]
