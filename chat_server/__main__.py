@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from chat_server.app import running_server
 from chat_server.config import ServerConfig, parse_config
+from chat_server.connections import raise_open_file_limit
 
 
 async def serve(config: ServerConfig) -> None:
@@ -32,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Our sessions log each connection and close (with who and why); websockets' own
     # INFO lines would repeat them, and add two per health check every 5 s in compose.
     logging.getLogger("websockets.server").setLevel(logging.WARNING)
+    raise_open_file_limit()
     try:
         import uvloop  # optional: pip install 'compose-chat[speed]'
     except ImportError:

@@ -173,8 +173,9 @@ async def ended(reader: asyncio.StreamReader) -> bool:
         return True
 
 
-async def raw_request(port: int, request: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def raw_request(port: int, request: bytes, source: str | None = None) -> bytes:
+    local = (source, 0) if source is not None else None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=local)
     try:
         writer.write(request)
         await writer.drain()
@@ -311,8 +312,12 @@ async def test_responder_answers_plain_http_and_the_per_address_limit_answers_42
             with pytest.raises(InvalidStatus) as refused:
                 await connect(ws_url(server))
             assert refused.value.response.status_code == 429
-            # /healthz is answered by the responder, limit or not.
-            reply = await raw_request(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            # Connections are counted from accept on: even /healthz, from that address.
+            health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            reply = await raw_request(server.port, health)
+            assert reply.startswith(b"HTTP/1.1 429 ")
+            # Other addresses are not affected.
+            reply = await raw_request(server.port, health, source="127.0.0.2")
             assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(b"OK\n")
             assert app.health_calls == 1
         finally:
@@ -335,6 +340,7 @@ async def test_the_limit_counts_the_address_the_responder_gives() -> None:
             with pytest.raises(InvalidStatus) as refused:
                 await connect(url, additional_headers={"X-Test-Client": "10.0.0.1"})
             assert refused.value.response.status_code == 429
+            await asyncio.sleep(0.05)  # the refused one is counted until it has closed
             assert server.per_address == {"10.0.0.1": 1, "10.0.0.2": 1}
         await asyncio.sleep(0.05)
         assert server.per_address == {}
@@ -357,6 +363,55 @@ async def test_bad_handshakes_are_refused(request_bytes: bytes, status: bytes) -
         async with connect(ws_url(server)) as ws:
             await ws.send("unaffected")
             assert await ws.recv() == "unaffected"
+
+
+async def open_from(port: int, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw TCP connection from ``source`` that sends nothing."""
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+async def test_silent_sockets_count_against_the_per_address_limit_from_accept() -> None:
+    """Sockets that never send a handshake count too: past the limit a socket is refused
+    429 at once, before it says a word; past twice the limit it is reset."""
+    async with layer(max_connections_per_address=4, handshake_timeout=10.0) as (server, _):
+        silent = [await open_from(server.port, "127.0.0.5") for _ in range(4)]
+        reader, writer = await open_from(server.port, "127.0.0.5")
+        silent.append((reader, writer))
+        async with asyncio.timeout(1):  # not after the 10 s handshake timeout
+            reply = await reader.read()
+        assert reply.startswith(b"HTTP/1.1 429 "), reply
+        assert b"too many connections from 127.0.0.5 (limit 4)" in reply
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(ws_url(server), local_addr=("127.0.0.5", 0))
+        assert refused.value.response.status_code == 429
+        silent += [await open_from(server.port, "127.0.0.5") for _ in range(40)]
+        await asyncio.sleep(0.1)
+        held = sum(c.ip == "127.0.0.5" for c in server.connections)
+        assert held <= 8, f"{held} connections held for one address with a limit of 4"
+        async with connect(ws_url(server), local_addr=("127.0.0.6", 0)) as ws:
+            await ws.send("others are fine")
+            assert await ws.recv() == "others are fine"
+        for _, w in silent:
+            w.close()
+
+
+async def test_past_max_connections_the_oldest_handshake_makes_room() -> None:
+    """When connections would use up the file descriptors, the oldest one still in its
+    handshake is dropped for a new one: silent sockets cannot lock everyone out."""
+    async with layer(max_connections=8, handshake_timeout=10.0) as (server, _):
+        silent = [await open_from(server.port, f"127.0.1.{n}") for n in range(1, 9)]
+        async with connect(ws_url(server)) as ws:
+            await ws.send("in")
+            assert await ws.recv() == "in"
+            assert await ended(silent[0][0]), "the oldest silent socket made room"
+            # A full house of open WebSockets and silent sockets: the silent go first.
+            more = [await open_from(server.port, f"127.0.2.{n}") for n in range(1, 9)]
+            await asyncio.sleep(0.1)
+            assert len(server.connections) <= 8
+            await ws.send("still in")
+            assert await ws.recv() == "still in"
+        for _, w in silent + more:
+            w.close()
 
 
 async def test_garbage_instead_of_a_handshake_is_closed() -> None:

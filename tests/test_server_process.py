@@ -156,3 +156,55 @@ async def test_sigterm_with_idle_half_open_and_silent_sockets_exits_0_within_3s(
         idle.close()
         partial.close()
         silent.transport.abort()
+
+
+def _open_files_limit(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-file limit in /proc")
+
+
+def _healthz_seconds(port: int) -> float:
+    """Seconds /healthz took to answer 200 (it fails the test if it does not)."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 200 "), reply
+    return time.monotonic() - started
+
+
+async def test_a_flood_of_silent_sockets_cannot_use_up_the_open_files(db: Path) -> None:
+    """Out of file descriptors, the server neither floods its log nor stops answering:
+    it starts with its soft open-file limit raised to the hard one, keeps connections
+    below it, and drops the oldest silent handshakes to let new connections in."""
+    proc = ServerProcess(db, *NO_LIMIT_FLAGS, nofile=(100, 160)).start()
+    loop = asyncio.get_running_loop()
+    flood: list[socket.socket] = []
+    try:
+        assert proc.proc is not None
+        assert _open_files_limit(proc.proc.pid) == (160, 160)
+        for n in range(600):  # far past 160 files, from 60 addresses
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.bind((f"127.0.4.{1 + n % 60}", 0))
+            try:
+                await loop.sock_connect(sock, ("127.0.0.1", proc.port))
+            except OSError:
+                sock.close()
+                continue
+            flood.append(sock)
+        await asyncio.sleep(0.5)
+        assert await asyncio.to_thread(_healthz_seconds, proc.port) < 2.0
+        async with peer(proc.url, "alice") as alice:
+            await alice.say("still chatting")
+        await asyncio.sleep(1.0)
+    finally:
+        for sock in flood:
+            sock.close()
+        proc.stop()
+    log = "".join(proc.log)
+    assert "open-file limit raised from 100 to 160" in log
+    assert len(proc.log) < 60, f"{len(proc.log)} log lines:\n" + "".join(proc.log[-20:])
