@@ -542,6 +542,43 @@ async def test_what_a_reader_leaves_unread_is_buffered_and_closing_it_is_at_once
             stuck.transport.abort()  # it would wait for its own close timeout
 
 
+@pytest.mark.parametrize("first", ["client", "server"])
+async def test_a_closing_handshake_to_a_peer_that_never_reads_ends_at_close_timeout(
+    first: str,
+) -> None:
+    """With megabytes waiting for a client that does not read, the close frame can never
+    be sent: the TCP connection is aborted after close_timeout, whoever began closing."""
+    loop = asyncio.get_running_loop()
+    async with layer(close_timeout=0.5) as (server, app):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", server.port))
+            await loop.sock_sendall(sock, HANDSHAKE + b"\r\n")
+            assert (await loop.sock_recv(sock, 4096)).startswith(b"HTTP/1.1 101")
+            if first == "client":  # 4 MiB it never reads, then its close frame
+                bulk = Frame(Opcode.TEXT, b"bulk:64:65536:nodrain")
+                await loop.sock_sendall(sock, bulk.serialize(mask=True))
+                await asyncio.sleep(0.2)
+                close = Frame(Opcode.CLOSE, Close(1000, "bye").serialize())
+                await loop.sock_sendall(sock, close.serialize(mask=True))
+                expected = (1000, "bye")
+            else:  # the server closes it as too slow
+                flood = Frame(Opcode.TEXT, b"limit:64:65536:100000")
+                await loop.sock_sendall(sock, flood.serialize(mask=True))
+                expected = (1008, "too slow")
+            started = time.monotonic()
+            assert await app.closed_codes(1, timeout=1) == [expected]
+            while server.connections and time.monotonic() - started < 5:
+                await asyncio.sleep(0.02)
+            took = time.monotonic() - started
+            assert not server.connections
+            assert 0.4 < took < 1.5, f"TCP dropped after {took:.2f} s, close_timeout 0.5 s"
+        finally:
+            sock.close()
+
+
 # --- shutdown -------------------------------------------------------------------------------
 
 
