@@ -586,8 +586,15 @@ class Connection(asyncio.Protocol):
         try:
             handler.received(message)
         except Exception:
-            # A bug in one request must not take the connection or the server with it.
-            log.exception("handling a message from %s failed", self.remote)
+            # A bug in one request must not take the connection or the server with it
+            # (nor, repeated by a client, flood the log).
+            self.server.throttle.log(
+                logging.ERROR,
+                "handler-failed",
+                "handling a message from %s failed",
+                self.remote,
+                exc_info=True,
+            )
 
     # --- messages out and closing -------------------------------------------------------
 

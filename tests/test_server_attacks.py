@@ -8,6 +8,7 @@ import asyncio
 import functools
 import inspect
 import json
+import math
 import socket
 import sqlite3
 import subprocess
@@ -375,6 +376,22 @@ async def test_the_message_rate_per_address_spans_nicks(db: Path) -> None:
                 assert all("messages per address" in f["message"] for f in errors)
         elapsed = time.monotonic() - started
         assert acked <= 20 + 10 * elapsed + 1, (acked, elapsed)
+
+
+async def test_a_short_wait_is_said_in_milliseconds_never_0_0_s(db: Path) -> None:
+    """A wait under a second reads "try again in 15 ms", matching retry_after, not "0.0 s"."""
+    async with server(db, rate=1000.0, burst=1000, address_rate=50.0, address_burst=1) as chat:
+        async with peer(chat, "quick", history=0) as p:
+            for m in range(3):
+                await p.send({"type": "send", "cid": f"c{m}", "room": "lobby", "body": "x"})
+            errors = [f for f in await p.quiet(0.2) if f["type"] == "error"]
+            assert errors, "the address rate refused nothing"
+            for error in errors:
+                assert error["code"] == "rate_limited"
+                wait = error["retry_after"]
+                assert 0 < wait < 1
+                ms = math.ceil(wait * 1000 - 1e-6)
+                assert error["message"].endswith(f"try again in {ms} ms"), error
 
 
 async def test_new_rooms_and_nick_registrations_have_quotas(db: Path) -> None:
