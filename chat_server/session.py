@@ -361,6 +361,10 @@ class Session:
             await self._send(slot, request)  # answered when its batch commits
             return
         await self._turn(slot)
+        # Not before the last reply has left: a client that asks and never reads then
+        # holds one reply in memory, not one per request it pipelined (its later
+        # requests wait, unread, in its socket), and costs no reads it will not take.
+        await self.link.drain()
         if isinstance(request, Hello):
             if self.nick_key:
                 raise ProtocolError(ErrorCode.ALREADY_HELLO, "hello was already accepted")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import inspect
 import json
 import math
@@ -14,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tracemalloc
 import urllib.error
 import urllib.request
 import uuid
@@ -24,6 +26,8 @@ import aiosqlite
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+from websockets.frames import Frame as WsFrame
+from websockets.frames import Opcode
 
 import chat_server.session
 import chat_server.store
@@ -31,6 +35,11 @@ from chat_protocol.frames import History, Leave, Who
 from chat_server.app import ChatServer
 from tests.helpers import NO_LIMIT_FLAGS, NO_LIMITS, Frame, Peer, peer, server, url
 from tests.procs import ServerProcess
+
+HANDSHAKE = (
+    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
 
 
 def fail_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: Any) -> list[int]:
@@ -224,6 +233,53 @@ async def test_a_departed_clients_catch_up_stops(db: Path) -> None:
         late = [t for t in reads if t > left + 0.1]
         assert len(late) <= 1, f"{len(late)} reads after every client had gone"
         async with peer(chat, "after", rooms=rooms[:2]) as p:
+            await p.say("the server is free", room="r0")
+
+
+async def test_pipelined_history_from_clients_that_never_read_is_bounded_and_freed(
+    db: Path,
+) -> None:
+    """Clients with a tiny receive buffer pipeline 20 history requests each and never
+    read, then hang up: the server holds about one reply for each meanwhile, not one per
+    request (20 x 128 KiB), and all of it is freed when they go (tracemalloc: Python's
+    memory; the RSS side is test_server_process.py's)."""
+    rooms = [f"r{n}" for n in range(8)]
+    loop = asyncio.get_running_loop()
+    async with server(db, **NO_LIMITS) as chat:
+        await fill(chat, rooms, 30, "\x01" * 4000)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            baseline = tracemalloc.get_traced_memory()[0]
+            clients = []
+            for n in range(60):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+                sock.setblocking(False)
+                await loop.sock_connect(sock, ("127.0.0.1", chat.port))
+                await loop.sock_sendall(sock, HANDSHAKE)
+                assert (await loop.sock_recv(sock, 4096)).startswith(b"HTTP/1.1 101")
+                frames = [{"type": "hello", "nick": f"never{n}", "rooms": [], "history": 0}]
+                frames += [{"type": "history", "room": rooms[k % 8]} for k in range(20)]
+                data = b"".join(
+                    WsFrame(Opcode.TEXT, json.dumps(f).encode()).serialize(mask=True)
+                    for f in frames
+                )
+                await loop.sock_sendall(sock, data)
+                clients.append(sock)
+            await asyncio.sleep(2.0)
+            held = tracemalloc.get_traced_memory()[0] - baseline
+            for sock in clients:
+                sock.close()
+            await asyncio.sleep(1.0)
+            gc.collect()
+            left = tracemalloc.get_traced_memory()[0] - baseline
+        finally:
+            tracemalloc.stop()
+        per_client = held / len(clients)
+        assert per_client < 256 * 1024, f"{per_client / 1024:.0f} KiB held per client"
+        assert left < 2 * 2**20, f"{left / 2**20:.1f} MiB still held after they left"
+        async with peer(chat, "after", rooms=rooms[:1]) as p:
             await p.say("the server is free", room="r0")
 
 
