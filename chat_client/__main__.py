@@ -252,13 +252,15 @@ class ChatClient:
         """Set the exit status and say, on stderr, what was not delivered and why."""
         problems = [f"{reason}" for reason in self.connection.refused.values()]
         problems += ["refused before sending"] * self.controller.refused_lines
+        problems += self.controller.refused_commands
         waiting = len(self.connection.outbox)
         if waiting or unsent_line:
-            why = self.connection.status.detail or "no answer from the server"
-            problems.append(
-                f"{waiting or 'a'} message{'s' if waiting > 1 else ''} not acknowledged "
-                f"within {self.config.wait:g}s ({why})"
-            )
+            count = f"{waiting or 'a'} message{'s' if waiting > 1 else ''}"
+            if self.exit_code in (EXIT_NICK, EXIT_STATE):
+                problems.append(f"{count} not sent: the nick could not be used (see above)")
+            else:
+                why = self.connection.status.detail or "no answer from the server"
+                problems.append(f"{count} not acknowledged within {self.config.wait:g}s ({why})")
         if problems:
             if not self.exit_code:
                 self.exit_code = EXIT_UNDELIVERED
@@ -269,7 +271,13 @@ class ChatClient:
             )
 
     async def _run_ui(self) -> None:
-        from chat_client.tui import ChatUI  # prompt_toolkit is only needed here
+        try:
+            from chat_client.tui import ChatUI  # prompt_toolkit is only needed here
+        except ModuleNotFoundError as exc:
+            raise SystemExit(
+                f"chat-client: the full-screen UI needs {exc.name}, which is not installed: "
+                "pip install 'compose-chat[client]' (or use --mode line)"
+            ) from None
 
         config = self.config
         ui = ChatUI(self.model, self.controller, seconds=config.seconds, title=config.title)

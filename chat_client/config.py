@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chat_protocol import DEFAULT_ROOM
+from chat_protocol.limits import MAX_ROOMS
 from chat_protocol.names import is_valid_nick, normalize_room
 
 
@@ -172,7 +173,8 @@ def parse_config(
         metavar="SECONDS",
         help=(
             "line mode: how long to wait for the server to take the messages before giving "
-            "up with status 3; 0: forever [CHAT_WAIT, default 30]"
+            "up with status 3; 0: no limit, so line mode may wait for ever for a server "
+            "that never comes back [CHAT_WAIT, default 30]"
         ),
     )
     parser.add_argument(
@@ -213,6 +215,8 @@ def parse_config(
         if room is None:
             parser.error(f"invalid room {raw!r}: 1-32 of a-z 0-9 _ -")
         rooms.append(room)
+    if len(set(rooms)) > MAX_ROOMS:
+        parser.error(f"{len(set(rooms))} rooms: the server allows at most {MAX_ROOMS} at once")
     return ClientConfig(
         url=args.url,
         nick=args.nick,

@@ -28,6 +28,7 @@ import itertools
 import json
 import logging
 import random
+import re
 import socket
 import time
 import uuid
@@ -47,8 +48,8 @@ from websockets.exceptions import (
 
 from chat_client.secrets import SecretStore, SecretStoreError
 from chat_protocol import CloseCode
-from chat_protocol.limits import MAX_BODY_CHARS, MAX_FRAME_BYTES
-from chat_protocol.names import nick_key
+from chat_protocol.limits import EPOCH_HEADER, MAX_BODY_CHARS, MAX_FRAME_BYTES, MAX_ROOMS
+from chat_protocol.names import nick_key, normalize_room
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class Limits:
 
     max_body_chars: int = MAX_BODY_CHARS
     max_frame_bytes: int = MAX_FRAME_BYTES
+    max_rooms: int = MAX_ROOMS
     rate: float = 20.0
     burst: float = 40.0
 
@@ -127,6 +129,7 @@ class Limits:
         return cls(
             max_body_chars=int(number("max_body_chars", MAX_BODY_CHARS)),
             max_frame_bytes=int(number("max_frame_bytes", MAX_FRAME_BYTES)),
+            max_rooms=int(number("max_rooms", MAX_ROOMS)),
             rate=number("rate", 20.0),
             burst=number("burst", 40.0),
         )
@@ -186,6 +189,10 @@ class MessageRefused(ValueError):
     """A message this client will not queue, because the server could never take it."""
 
 
+class JoinRefused(ValueError):
+    """A room this client will not ask for: the server would refuse it (too many rooms)."""
+
+
 @dataclass
 class _Outgoing:
     frame: Frame
@@ -213,6 +220,10 @@ class ChatConnection:
         takeover: bool = False,
     ) -> None:
         self.url = url
+        #: Where this nick's secrets are filed: the database the server announces in the
+        #: handshake (so one person's secret works through every URL of one server), or
+        #: the URL for a server that announces none.
+        self.server = url
         self.nick = nick
         self.rooms = list(rooms)
         self.secrets = secrets
@@ -234,6 +245,9 @@ class ChatConnection:
         self.synced = False
         #: Sends refused for good (never to be resent): cid -> the server's reason.
         self.refused: dict[str, str] = {}
+        #: Rooms given up because the server refused them (a ``join`` or the ``hello``),
+        #: with the server's reason; the UI closes their windows and says why.
+        self.dropped_rooms: dict[str, str] = {}
         self._out: dict[str, _Outgoing] = {}
         self._jobs: list[tuple[int, str, Frame | None]] = []  # (seq, cid or "", request)
         self._wake = asyncio.Event()
@@ -247,6 +261,7 @@ class ChatConnection:
         self._closing_for: Refusal | None = None
         self._background: set[asyncio.Future[None]] = set()
         self._hello_frame: Frame | None = None
+        self._next_nick: tuple[str, bool] | None = None  # /nick while offline: once synced
 
     # --- what the rest of the client calls -------------------------------------------------
 
@@ -308,29 +323,56 @@ class ChatConnection:
         return True
 
     def join(self, room: str) -> None:
+        """Be in ``room``: now if connected, else from the next ``hello``.
+
+        Raises :class:`JoinRefused` past the server's room limit (``welcome.limits``
+        ``max_rooms``, 32 until announced), online or offline: a ``hello`` asking for
+        more rooms would be refused as a whole.
+        """
         if room not in self.rooms:
+            if len(self.rooms) >= self.limits.max_rooms:
+                raise JoinRefused(
+                    f"you are in {len(self.rooms)} rooms, the most the server allows: "
+                    "/leave one first"
+                )
             self.rooms.append(room)
-        self.request({"type": "join", "room": room})
+        self.request({"type": "join", "room": room, "ref": f"join:{room}"})
 
     def leave(self, room: str) -> None:
         if room in self.rooms:
             self.rooms.remove(room)
         self.request({"type": "leave", "room": room})
 
-    def change_nick(self, nick: str, *, takeover: bool = False) -> None:
-        """Ask for a nick: now if connected, else by reconnecting with it.
+    def change_nick(self, nick: str, *, takeover: bool = False) -> bool:
+        """Ask for a nick. True: asked now, or in the next ``hello`` (no session under
+        the current nick to keep); False: deferred until the link is back.
+
+        A client that was connected and is now offline keeps its nick for the reconnect
+        and asks for the new one once synced, after its unsent messages: those were
+        typed, and are shown, under the current nick and are sent under it.
 
         Raises :class:`SecretStoreError` when a new nick's secret cannot be kept.
         """
+        self._next_nick = None
         if self.welcomed:
-            frame: Frame = {"type": "nick", "nick": nick, "ref": f"nick:{nick}"}
-            frame["secret"] = self._secret_for(nick)
-            frame["takeover"] = takeover
-            self._push(frame)
-        else:
-            self.nick = nick
-            self.takeover = takeover
-            self.reconnect_now()
+            self._push(self._nick_frame(nick, takeover))
+            return True
+        if self.epoch is not None and not (
+            self._waiting is not None
+            and self._waiting.code in ("nick_taken", "nick_in_use", "nick_invalid")
+        ):
+            self._next_nick = (nick, takeover)
+            return False
+        self.nick = nick
+        self.takeover = takeover
+        self.reconnect_now()
+        return True
+
+    def _nick_frame(self, nick: str, takeover: bool) -> Frame:
+        frame: Frame = {"type": "nick", "nick": nick, "ref": f"nick:{nick}"}
+        frame["secret"] = self._secret_for(nick)
+        frame["takeover"] = takeover
+        return frame
 
     def reconnect_now(self) -> None:
         """Skip the backoff (or leave a wait for the user) and connect again now."""
@@ -356,11 +398,6 @@ class ChatConnection:
                 attempt = 0
                 continue
             self._status(LinkState.CONNECTING if attempt == 0 else LinkState.RECONNECTING)
-            try:
-                hello = self._hello()
-            except SecretStoreError as exc:
-                self._wait_for_user(Refusal("secret_store", self.nick, str(exc)))
-                continue
             detail = ""
             floor = 0.0  # a wait the server asked for (HTTP 429 Retry-After)
             try:
@@ -374,8 +411,15 @@ class ChatConnection:
                     close_timeout=2,
                 ) as ws:
                     self._ws = ws
-                    if await self._session(ws, hello):
-                        attempt = 0
+                    self.server = server_identity(ws, self.url)
+                    try:
+                        hello = self._hello()
+                    except SecretStoreError as exc:
+                        self._closing_for = Refusal("secret_store", self.nick, str(exc))
+                        await ws.close(1000, "the nick's secret cannot be kept")
+                    else:
+                        if await self._session(ws, hello):
+                            attempt = 0
                     detail = describe_close(ws)
                     if ws.close_code == CloseCode.REPLACED:
                         reason = ws.close_reason or "this nick connected again elsewhere"
@@ -443,7 +487,7 @@ class ChatConnection:
     async def _send(self, ws: ClientConnection, frame: Frame) -> None:
         text = _encode(frame)
         if self.trace:
-            self.trace(">", text)
+            self.trace(">", masked(text))
         await ws.send(text)
 
     async def _write(self, ws: ClientConnection) -> None:
@@ -485,7 +529,7 @@ class ChatConnection:
         try:
             async for data in ws:
                 if self.trace:
-                    self.trace("<", data if isinstance(data, str) else repr(data))
+                    self.trace("<", masked(data) if isinstance(data, str) else repr(data))
                 try:
                     frame = json.loads(data)
                 except ValueError:
@@ -501,9 +545,14 @@ class ChatConnection:
 
     def _secret_for(self, nick: str) -> str:
         """The nick's secret; for a nick we hold none of, a new one, stored before use."""
-        secret = self.secrets.get(self.url, nick)
+        secret = self.secrets.get(self.server, nick)
+        if secret is None and self.server != self.url:
+            # Filed by URL (by an older client): file it by the server from now on.
+            secret = self.secrets.get(self.url, nick)
+            if secret is not None:
+                self.secrets.put(self.server, nick, secret)
         if secret is None:
-            secret = self.secrets.propose(self.url, nick)
+            secret = self.secrets.propose(self.server, nick)
             self._proposed.add(nick_key(nick))
         return secret
 
@@ -543,6 +592,14 @@ class ChatConnection:
                 self._push({"type": "history", "direct": True})
             for cid in self._out:
                 self._ready(cid)
+            if self._next_nick is not None:  # asked for while offline: after the resends
+                nick, takeover = self._next_nick
+                self._next_nick = None
+                try:
+                    self._push(self._nick_frame(nick, takeover))
+                except SecretStoreError as exc:
+                    refusal = Refusal("secret_store", nick, str(exc), during_session=True)
+                    self._status(self.status.state, self.status.detail, refusal=refusal)
         elif kind == "error":
             self._error(frame)
 
@@ -570,7 +627,7 @@ class ChatConnection:
         self._proposed.discard(nick_key(nick))
         if isinstance(secret, str):
             try:
-                self.secrets.put(self.url, nick, secret)
+                self.secrets.put(self.server, nick, secret)
             except SecretStoreError as exc:
                 log.error("%s", exc)
 
@@ -579,6 +636,15 @@ class ChatConnection:
         ref = frame.get("ref")
         cid = frame.get("cid")
         retry_after = frame.get("retry_after")
+        message = str(frame.get("message", code))
+        if isinstance(ref, str) and ref.startswith("join:") and code != "rate_limited":
+            room = ref[5:]  # refused for good: we are not in it (nor in the next hello)
+            if room in self.rooms:
+                self.rooms.remove(room)
+            self.dropped_rooms[room] = message
+            return
+        if ref == "hello" and not self.welcomed and self._room_refusal(code, message):
+            return
         if code == "rate_limited":
             wait = retry_after if isinstance(retry_after, int | float) else 1.0
             self.pacer.hold(float(wait))
@@ -590,7 +656,7 @@ class ChatConnection:
             nick = ref[5:] if during and isinstance(ref, str) else self.nick
             if code == "nick_taken" and nick_key(nick) in self._proposed:
                 # We proposed a secret for a nick that turned out to be someone else's.
-                self.secrets.discard(self.url, nick)
+                self.secrets.discard(self.server, nick)
                 self._proposed.discard(nick_key(nick))
             refusal = Refusal(code, nick, str(frame.get("message", code)), during)
             if during:
@@ -611,6 +677,29 @@ class ChatConnection:
         else:
             self._done(cid)
             self.refused[cid] = str(frame.get("message", code))
+
+    def _room_refusal(self, code: str, message: str) -> bool:
+        """The ``hello`` was refused for its rooms: drop the offending ones and say hello
+        again on this connection (the server allows that), instead of waiting for the
+        server to close us for "no hello in time" and asking for the same rooms forever.
+        """
+        if code == "too_many_rooms":
+            keep = self.limits.max_rooms
+            if len(self.rooms) <= keep:  # the server's limit is lower than we thought
+                keep = max(1, len(self.rooms) // 2)
+            drop = self.rooms[keep:]
+        elif code in ("room_invalid", "bad_frame"):
+            drop = [room for room in self.rooms if normalize_room(room) != room]
+        else:
+            return False
+        if not drop:
+            self._closing_for = Refusal(code, self.nick, message)
+            return True
+        for room in drop:
+            self.rooms.remove(room)
+            self.dropped_rooms[room] = message
+        self._push(self._hello())
+        return True
 
     def _done(self, cid: str) -> None:
         out = self._out.pop(cid, None)
@@ -636,6 +725,16 @@ class ChatConnection:
         self.on_status(self.status)
 
 
+# A "secret" member of a frame (a key follows "{" or ","; inside a string a quote is
+# escaped, so a body that mentions "secret" is never matched).
+_SECRET = re.compile(r'([{,]\s*"secret"\s*:\s*)"[^"\\]*"')
+
+
+def masked(text: str) -> str:
+    """A frame's text for --trace: a nick's secret is as good as the nick, so hide it."""
+    return _SECRET.sub(r'\1"***"', text)
+
+
 def _encode(frame: Frame) -> str:
     return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
 
@@ -646,6 +745,16 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+_EPOCH = re.compile(r"[0-9A-Za-z_-]{1,64}")
+
+
+def server_identity(ws: ClientConnection, url: str) -> str:
+    """Which server this is, for filing secrets: its database's epoch, else its URL."""
+    response = ws.response
+    epoch = response.headers.get(EPOCH_HEADER, "") if response is not None else ""
+    return f"epoch-{epoch}" if _EPOCH.fullmatch(epoch) else url
 
 
 # --- failures in human words ----------------------------------------------------------------

@@ -12,7 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from chat_client.commands import ALIASES, NAMES, Command, Invalid, Say, help_lines, parse
-from chat_client.connection import ChatConnection, Frame, LinkState, MessageRefused, Status
+from chat_client.connection import (
+    ChatConnection,
+    Frame,
+    JoinRefused,
+    LinkState,
+    MessageRefused,
+    Status,
+)
 from chat_client.model import HELP_WINDOW, SERVER_WINDOW, ChatModel
 from chat_client.secrets import SecretStoreError
 from chat_client.settings import Settings
@@ -50,6 +57,8 @@ class Controller:
         self.retry_at: float | None = None
         self.question: Question | None = None
         self.refused_lines = 0  # messages refused here, before sending (too long, …)
+        #: Commands refused for good (a /join): line mode exits non-zero for them.
+        self.refused_commands: list[str] = []
         self._offline_since: float | None = None
         self._was_connected = False
         if settings is not None:
@@ -61,14 +70,38 @@ class Controller:
     # --- from the network --------------------------------------------------------------
 
     def frame(self, frame: Frame) -> None:
-        self.model.apply(frame)
         kind = frame.get("type")
+        if self.connection.dropped_rooms:
+            self._drop_rooms()
+            if kind == "error" and frame.get("code") != "rate_limited":
+                self.on_change()
+                return  # said, with the rooms it was about
+        self.model.apply(frame)
         cid = frame.get("cid")
         if kind == "error" and isinstance(cid, str) and cid in self.connection.refused:
             self.model.fail_pending(cid, self.connection.refused[cid])
         if kind in ("joined", "left") and self.settings is not None and self.interactive:
             self.settings.set_rooms(self.connection.url, self.connection.rooms)
         self.on_change()
+
+    def _drop_rooms(self) -> None:
+        """Close the windows of rooms the server refused, saying why (and what is lost)."""
+        dropped, self.connection.dropped_rooms = self.connection.dropped_rooms, {}
+        for room, reason in dropped.items():
+            name = "#" + room
+            window = self.model.windows.get(name)
+            unsent = list(window.pending) if window is not None else []
+            for cid in unsent:
+                self.connection.cancel(cid)
+            self.model.close(name)
+            lost = f"; {len(unsent)} unsent line(s) there were not sent" if unsent else ""
+            text = f"not in {name}: the server refused it ({reason}){lost}"
+            self.refused_commands.append(text)
+            self.model.notice(text, tone="error")
+            if self.model.active != SERVER_WINDOW:
+                self.model.notice(text, SERVER_WINDOW, tone="error")
+        if self.settings is not None and self.interactive:
+            self.settings.set_rooms(self.connection.url, self.connection.rooms)
 
     def status(self, status: Status) -> None:
         self.retry_at = status.retry_at
@@ -249,10 +282,19 @@ class Controller:
 
     def _change_nick(self, nick: str, *, takeover: bool) -> bool:
         try:
-            self.connection.change_nick(nick, takeover=takeover)
+            now = self.connection.change_nick(nick, takeover=takeover)
         except SecretStoreError as exc:
             self.model.notice(f"{exc}: the nick was not claimed", tone="error")
             return False
+        if not now:
+            unsent = self.undelivered()
+            lines = f"{unsent} unsent lines, which are" if unsent > 1 else "unsent line, which is"
+            after = f" (after your {lines} sent as {self.model.nick}, as shown)" if unsent else ""
+            self.model.notice(f"offline: you will ask for the nick {nick} once reconnected{after}")
+        elif self.connection.welcomed:
+            self.model.notice(f"asking the server for the nick {nick}…")
+        else:
+            self.model.notice(f"connecting as {nick}…")
         return True
 
     def _room(self, args: str) -> str | None:
@@ -261,26 +303,51 @@ class Controller:
             self.model.notice("a room name is 1-32 of a-z 0-9 _ -", tone="error")
         return room
 
-    def _join(self, args: str) -> None:
+    def _join(self, args: str) -> bool:
         room = self._room(args)
-        if room is not None:
+        if room is None:
+            return False
+        try:
             self.connection.join(room)
-            self.model.switch("#" + room)
+        except JoinRefused as refused:
+            self.model.notice(f"not joined #{room}: {refused}", tone="error")
+            self.refused_commands.append(f"not joined #{room}: {refused}")
+            return False
+        self.model.switch("#" + room)
+        return True
 
-    def _leave(self, args: str) -> None:
+    def _leave(self, args: str) -> bool:
         room = self._room(args)
-        if room is not None:
-            self.connection.leave(room)
-            self.model.close("#" + room)
+        if room is None or self._unsent_in("#" + room):
+            return False
+        self.connection.leave(room)
+        self.model.close("#" + room)
+        return True
 
-    def _close(self, _: str) -> None:
+    def _unsent_in(self, name: str) -> bool:
+        """True (and say so) when closing the window would throw typed lines away."""
+        window = self.model.windows.get(name)
+        if window is None or not window.pending:
+            return False
+        count = len(window.pending)
+        self.model.notice(
+            f"{name} has {count} unsent line{'s' if count > 1 else ''}: wait until "
+            f"{'they are' if count > 1 else 'it is'} delivered, or /cancel all there first",
+            tone="error",
+        )
+        return True
+
+    def _close(self, _: str) -> bool:
         active = self.model.active
+        if self._unsent_in(active):
+            return False
         if active == SERVER_WINDOW:
             self.model.notice("the server window stays open (Alt-1 always brings you here)")
         elif active.startswith("#"):
-            self._leave(active[1:])
+            return self._leave(active[1:])
         else:
             self.model.close(active)
+        return True
 
     def _rooms(self, args: str) -> None:
         frame: Frame = {"type": "rooms", "limit": 100}

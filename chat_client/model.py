@@ -15,6 +15,7 @@ important first.
 from __future__ import annotations
 
 import bisect
+import heapq
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -111,7 +112,9 @@ class Window:
         bisect.insort(self.entries, entry, key=lambda e: e.sort)
 
     def lines(self) -> list[Entry]:
-        return [*self.entries, *self.pending.values()]
+        """Entries and pending lines, each where it happened: a notice about something
+        typed after 59 unsent lines comes after them, where the eye is."""
+        return list(heapq.merge(self.entries, self.pending.values(), key=lambda e: e.sort))
 
 
 class ChatModel:
@@ -216,6 +219,8 @@ class ChatModel:
         entry = Entry(
             EntryKind.PENDING, window, body, nick=self.nick, action=action, cid=cid, own=True
         )
+        self._seq += 1
+        entry.sort = (self.window(window).newest_id, self._seq)
         self.window(window).pending[cid] = entry
         self._emit(entry)
 

@@ -6,9 +6,14 @@ client proposes its own secret when it registers a nick (256 random bits) and st
 generates the secret itself returns it in ``welcome``, and that one is stored instead.
 
 Each secret is its own file (mode 0600, in directories of mode 0700),
-``secrets/<server>/<nick>``, written atomically. The directory is the person's: in the
-compose deployment a person's client bind-mounts their own directory, and each demo
-replica has its own volume, so nobody reads anybody else's secrets.
+``secrets/<server>/<nick>``, written atomically. ``<server>`` is ``epoch-<epoch>``, the
+database the server announces in its handshake (``Chat-Epoch``): the same person reaches
+one server by several URLs (the host's published port, the compose network's name) and
+must present the same secret through each. For a server that announces no epoch it is
+the percent-encoded URL (as older clients filed every secret; those are found and
+refiled). The directory is the person's: in the compose deployment a person's client
+bind-mounts their own directory, and each demo replica has its own volume, so no other
+client reads it (Docker itself can: its users are root-equivalent).
 """
 
 from __future__ import annotations

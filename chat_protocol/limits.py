@@ -6,6 +6,11 @@ server announces those in its ``welcome`` frame.
 
 PROTOCOL_VERSION = 1
 
+#: The HTTP header of the WebSocket handshake's answer that carries the database's epoch
+#: (the same string as ``welcome.epoch``), so a client knows which server it talks to
+#: before it sends ``hello``: nick secrets belong to a database, not to a URL.
+EPOCH_HEADER = "Chat-Epoch"
+
 #: Largest frame a client may send, in bytes; a larger one is closed with 1009.
 MAX_FRAME_BYTES = 64 * 1024
 #: No frame the server sends is larger than this (history and replays are split to fit).

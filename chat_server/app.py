@@ -20,7 +20,13 @@ from typing import Any
 
 from websockets.http11 import Request, Response
 
-from chat_protocol.limits import MAX_BODY_CHARS, MAX_FRAME_BYTES, MAX_ROOMS, MEMBERS_MAX
+from chat_protocol.limits import (
+    EPOCH_HEADER,
+    MAX_BODY_CHARS,
+    MAX_FRAME_BYTES,
+    MAX_ROOMS,
+    MEMBERS_MAX,
+)
 from chat_server.config import ServerConfig
 from chat_server.connections import Connection, WebSocketServer
 from chat_server.fanout import Hub, Member
@@ -54,6 +60,8 @@ class ChatServer:
         self.server = WebSocketServer(
             self.open,
             responder=self.respond,
+            # Which database this is, before hello: clients file nick secrets by it.
+            accept_headers={EPOCH_HEADER: store.epoch},
             max_size=MAX_FRAME_BYTES,
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,

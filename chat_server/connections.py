@@ -37,7 +37,7 @@ import http
 import logging
 import resource
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 from websockets.frames import BINARY, CONT, TEXT, Frame
@@ -454,6 +454,7 @@ class Connection(asyncio.Protocol):
                 )
             else:
                 response = protocol.accept(request)
+                response.headers.update(server.accept_headers)
         response.headers["Server"] = SERVER_HEADER
         protocol.send_response(response)
         self._flush()
@@ -711,8 +712,9 @@ class WebSocketServer:
 
     ``opener`` builds a connection's handler once its handshake succeeds; ``responder``
     may answer a handshake request with plain HTTP instead (``process_request`` in
-    websockets' terms). Connections are counted per address from the moment they are
-    accepted, whatever their state: a TCP connection from an address that already has
+    websockets' terms); ``accept_headers`` go on every accepted handshake's response.
+    Connections are counted per address from the moment they are accepted, whatever
+    their state: a TCP connection from an address that already has
     ``max_connections_per_address`` (0: no limit) is answered 429 at once, before it sends
     anything, and beyond twice that it is reset. The address is :attr:`Connection.ip`
     (which the responder may change during the handshake). ``max_connections`` (by
@@ -725,6 +727,7 @@ class WebSocketServer:
         opener: Opener,
         *,
         responder: Responder | None = None,
+        accept_headers: Mapping[str, str] | None = None,
         max_size: int = 2**20,
         ping_interval: float = 20.0,
         ping_timeout: float = 20.0,
@@ -738,6 +741,7 @@ class WebSocketServer:
     ) -> None:
         self.opener = opener
         self.responder = responder
+        self.accept_headers = dict(accept_headers or {})
         self.max_size = max_size
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout

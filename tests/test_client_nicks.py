@@ -15,7 +15,6 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import quote
 
 from tests.helpers import peer
 from tests.procs import ServerProcess
@@ -54,8 +53,10 @@ async def test_the_client_proposes_a_secret_stored_before_the_hello(
         )
         assert done.returncode == 0, done.stderr
         hello, welcome = traced(done.stderr, ">", "hello"), traced(done.stderr, "<", "welcome")
-        kept = (tmp_path / "secrets" / quote(proc.url, safe="") / "newbie").read_text().strip()
-        assert hello["secret"] == kept
+        kept = next((tmp_path / "secrets").glob("epoch-*/newbie")).read_text().strip()
+        assert hello["secret"] == "***", "--trace masks the secret"
+        async with peer(proc.url, "newbie", secret=kept) as again:  # registered with it
+            assert again.welcome["nick"] == "newbie"
         assert re.fullmatch(r"[A-Za-z0-9_-]{43}", kept), "256 random bits"
         assert welcome.get("registered") is True
         assert "secret" not in welcome
@@ -155,7 +156,7 @@ async def test_line_mode_takes_over_a_live_nick_only_when_told_to(db: Path, tmp_
             timeout=30,
         )
         assert first.returncode == 0, first.stderr
-        secret = (tmp_path / "secrets" / quote(proc.url, safe="") / "bot").read_text().strip()
+        secret = next((tmp_path / "secrets").glob("epoch-*/bot")).read_text().strip()
         async with peer(proc.url, "bot", secret=secret) as live:
             refused = await asyncio.to_thread(
                 subprocess.run,

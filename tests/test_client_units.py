@@ -39,8 +39,15 @@ def test_clean_removes_every_control(name: str) -> None:
 
 
 def test_clean_keeps_ordinary_unicode() -> None:
-    text = "naïve café ☃ 日本語 e\u0301 👍🏽"
+    text = "naïve café ☃ 日本語 e\u0301 👍 क्\u200dष"
     assert clean(text) == text
+
+
+def test_clean_makes_emoji_sequence_widths_unambiguous() -> None:
+    assert clean("👍🏽 👩\u200d💻 ❤\ufe0f 🇯🇵🇫🇷") == "👍 👩💻 ❤ [JP][FR]"
+    assert clean("a\u200eb\u200fc\u061cd") == "abcd"
+    assert clean("a\u2028b\u2029c") == "a ⏎ b ⏎ c"
+    assert clean("a\u2028b", keep_newlines=True) == "a\nb"
 
 
 def test_clean_newlines() -> None:

@@ -571,8 +571,14 @@ async def test_shutdown_ends_even_a_request_that_never_returns(
     """The class of bug behind a shutdown that hangs: a connection's task that never
     returns. The shutdown cancels it rather than wait."""
 
+    cancelled: list[bool] = []
+
     async def stuck(self: object, slot: object, request: object) -> None:
-        await asyncio.Event().wait()  # never notices anything
+        try:
+            await asyncio.Event().wait()  # never notices anything
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
 
     monkeypatch.setattr(chat_server.session.Session, "_handle", stuck)
     async with server(db) as chat:
@@ -584,3 +590,4 @@ async def test_shutdown_ends_even_a_request_that_never_returns(
     elapsed = time.monotonic() - started
     ws.transport.abort()
     assert elapsed < 3.0, f"took {elapsed:.1f} s"
+    assert cancelled == [True]  # stopped, not left running behind the shutdown

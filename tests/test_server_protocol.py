@@ -136,6 +136,16 @@ async def test_hello_with_history_zero_still_sends_every_history(db: Path) -> No
             ]
 
 
+async def test_the_handshake_names_the_database_epoch_before_hello(db: Path) -> None:
+    async with server(db) as chat:
+        async with peer(chat) as anonymous:
+            assert anonymous.ws.response is not None
+            epoch = anonymous.ws.response.headers["Chat-Epoch"]
+        async with peer(url(chat) + "/other/path", "bob") as bob:
+            assert bob.ws.response is not None
+            assert bob.ws.response.headers["Chat-Epoch"] == epoch == bob.welcome["epoch"]
+
+
 async def test_secrets_proposed_generated_and_refused(db: Path) -> None:
     proposed = "p" + uuid.uuid4().hex  # 33 characters
     async with server(db) as chat:

@@ -1,0 +1,218 @@
+"""Regressions for the outside attack on the client's promises (F1-F11), read off a real
+pseudo-terminal (pyte) running the real client against a real server process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import quote
+
+from chat_client.settings import Settings
+from tests.helpers import peer
+from tests.terminal import paste
+from tests.test_client_screen import client, server
+
+
+async def test_rooms_past_the_limit_never_open_a_window_nor_block_the_reconnect(
+    db: Path, tmp_path: Path
+) -> None:
+    with server(db) as proc:
+        # Remembered from an older run: 34 rooms, two more than the server takes.
+        rooms = ["lobby", *(f"r{n}" for n in range(1, 34))]
+        settings = {"servers": {proc.url: {"rooms": rooms}}}
+        (tmp_path / "settings.json").write_text(json.dumps(settings))
+        async with client(proc, tmp_path) as term:
+            screen = await term.wait_for(lambda s: "not in #r33: the server refused" in s)
+            assert "not in #r32: the server refused" in screen
+            assert "#r32" not in term.status() and "#r33" not in term.status()
+
+            term.type("/join extra\r")
+            await term.wait_for(lambda s: "not joined #extra: you are in 32 rooms" in s)
+            assert "extra" not in term.status()
+
+            proc.kill()
+            await term.wait_for(lambda s: "disconnected:" in s)
+            term.type("\x15/join offline1\r")  # offline too: the next hello would be refused
+            await term.wait_for(lambda s: "not joined #offline1: you are in 32 rooms" in s)
+            term.type("\x15/leave r31\r")
+            term.type("/join offline2\r")
+            await term.wait_for(lambda s: "#offline2" in term.status())
+            term.type("stranded no more\r")
+            await term.wait_for(lambda s: "(sending…)" in s and "stranded no more" in s)
+
+            proc.start()
+            term.type("/reconnect\r")
+            await term.wait_for(lambda s: "│ connected" in s, timeout=15)
+            await term.wait_for(lambda s: "stranded no more" in s and "(sending" not in s)
+
+
+def test_trace_never_prints_a_nick_secret(db: Path, tmp_path: Path) -> None:
+    with server(db) as proc:
+        command = [sys.executable, "-m", "chat_client", "--url", proc.url, "--nick", "alice"]
+        command += ["--state-dir", str(tmp_path), "--mode", "line", "--trace"]
+        line = 'hi with "secret":"x" in it\n'
+        done = subprocess.run(command, input=line, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        (secret_file,) = (tmp_path / "secrets").glob("*/alice")
+        secret = secret_file.read_text().strip()
+        assert '> {"type":"hello"' in done.stderr, "the trace shows the frames"
+        assert secret not in done.stderr + done.stdout
+        assert '"secret":"***"' in done.stderr
+        assert 'secret\\":\\"x\\"' in done.stderr, "a body is shown as it is"
+
+
+async def test_emoji_sequences_wrap_and_collapse_where_the_terminal_draws_them(
+    db: Path, tmp_path: Path
+) -> None:
+    with server(db) as proc:
+        async with client(proc, tmp_path) as term, peer(proc.url, "bob") as bob:
+            # Skin tones: the tail of a long line is wrapped, not cut off.
+            await bob.say("skin:" + "\U0001f44d\U0001f3fd" * 40 + " |END1")
+            screen = await term.wait_for(lambda s: "|END1" in s)
+            assert screen.count("\U0001f44d") == 40, "every thumb is on the screen"
+            # ZWJ sequences, long enough to collapse: the "… more" line is there.
+            await bob.say("zwj:" + "\U0001f469\u200d\U0001f4bb" * 400 + " |END2")
+            await term.wait_for(lambda s: "more lines (/expand shows them)" in s)
+            term.type("/expand\r")
+            await term.wait_for(lambda s: "|END2" in s)
+            term.type("/clear\r")
+            await bob.say(
+                "flags: \U0001f1ef\U0001f1f5\U0001f1eb\U0001f1f7 and a family "
+                "\U0001f468\u200d\U0001f469\u200d\U0001f467 |END3"
+            )
+            screen = await term.wait_for(lambda s: "|END3" in s)
+            assert "flags: [JP][FR] and a family" in screen
+            # Every row the client drew fits the terminal's width: nothing ran past the edge.
+            for line in term.lines():
+                assert "\U0001f3fd" not in line and "\u200d" not in line
+
+            # F10: LRM/RLM/ALM and the Unicode line separators never reach the terminal raw.
+            await bob.say("a\u200eb\u200fc\u061cd\u2028e\u2029f|END4")
+            await term.wait_for(lambda s: "|END4" in s)
+            raw = bytes(term.raw).decode("utf-8", "replace")
+            for char in "\u200e\u200f\u061c\u2028\u2029":
+                assert char not in raw, f"U+{ord(char):04X} reached the terminal"
+
+
+def line_client(url: str, state: Path, nick: str = "alice") -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "chat_client", "--url", url, "--nick", nick]
+    command += ["--state-dir", str(state), "--mode", "line"]
+    return subprocess.run(command, input="hi\n", capture_output=True, text=True, timeout=30)
+
+
+def test_one_persons_secret_works_through_every_url_of_one_server(db: Path, tmp_path: Path) -> None:
+    with server(db) as proc:
+        # The host's client and `docker compose run chat` reach one server by two URLs.
+        first = line_client(proc.url, tmp_path)
+        assert first.returncode == 0, first.stderr
+        other = proc.url.rstrip("/") + "/another/url"
+        again = line_client(other, tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert len(list((tmp_path / "secrets").glob("*/alice"))) == 1, "one secret, one file"
+
+        # A secret filed by URL (older clients did that) is still found, and refiled.
+        (secret_file,) = (tmp_path / "secrets").glob("*/alice")
+        old = tmp_path / "secrets" / quote(other, safe="") / "bob"
+        old.parent.mkdir()
+        bob = line_client(proc.url, tmp_path / "bob-first", nick="bob")
+        assert bob.returncode == 0, bob.stderr
+        (bobs,) = (tmp_path / "bob-first" / "secrets").glob("*/bob")
+        old.write_text(bobs.read_text())
+        moved = line_client(other, tmp_path, nick="bob")
+        assert moved.returncode == 0, moved.stderr
+        assert (secret_file.parent / "bob").read_text() == bobs.read_text()
+
+
+async def test_nick_while_offline_is_said_and_keeps_the_nick_of_typed_lines(
+    db: Path, tmp_path: Path
+) -> None:
+    with server(db) as proc:
+        async with client(proc, tmp_path) as term:
+            proc.kill()
+            await term.wait_for(lambda s: "disconnected:" in s)
+            term.type("typed while offline\r")
+            await term.wait_for(lambda s: "(sending…)" in s)
+            term.type("/nick alice2\r")
+            await term.wait_for(
+                lambda s: (
+                    "once reconnected (after your unsent line, which is sent as alice,"
+                    in " ".join(s.split())
+                )
+            )
+            proc.start()
+            term.type("/reconnect\r")
+            await term.wait_for(lambda s: "you are now alice2" in s, timeout=15)
+            assert "alice2 │" in term.status()
+        async with peer(proc.url, "bob") as bob:
+            said = [
+                (m["from"], m["body"])
+                for f in bob.catchup
+                if f["type"] == "history"
+                for m in f["messages"]
+            ]
+            assert ("alice", "typed while offline") in said, said
+
+
+async def test_a_refused_line_is_said_below_the_unsent_ones(db: Path, tmp_path: Path) -> None:
+    with server(db) as proc:
+        async with client(proc, tmp_path) as term:
+            proc.kill()
+            await term.wait_for(lambda s: "disconnected:" in s)
+            for n in range(30):
+                term.type(f"queued {n}\r")
+            await term.wait_for(lambda s: "30 unsent" in s)
+            term.type(paste("x" * 4001) + "\r")
+            await term.wait_for(lambda s: "not sent: the message is 4,001 characters" in s)
+            proc.start()
+
+
+def test_two_clients_sharing_a_state_directory_keep_each_others_settings(
+    tmp_path: Path,
+) -> None:
+    a, b = Settings(tmp_path), Settings(tmp_path)  # both started before either saved
+    a.set_words("highlight", ["apple"])
+    b.set_rooms("ws://server", ["lobby", "other2"])
+    a.set_rooms("ws://elsewhere", ["dev"])
+    again = Settings(tmp_path)
+    assert again.words("highlight") == ["apple"]
+    assert again.rooms("ws://server") == ["lobby", "other2"]
+    assert again.rooms("ws://elsewhere") == ["dev"]
+
+
+def test_line_mode_says_why_and_fails_a_refused_join(db: Path, tmp_path: Path) -> None:
+    with server(db) as proc:
+        assert line_client(proc.url, tmp_path / "a").returncode == 0
+        taken = line_client(proc.url, tmp_path / "b")  # alice is someone else's here
+        assert taken.returncode == 4, taken.stderr
+        assert "registered to someone else" in taken.stderr
+        assert "not acknowledged within" not in taken.stderr
+
+        rooms = ",".join(["lobby", *(f"r{n}" for n in range(1, 32))])
+        command = [sys.executable, "-m", "chat_client", "--url", proc.url, "--nick", "carol"]
+        command += ["--state-dir", str(tmp_path / "c"), "--mode", "line", "--rooms", rooms]
+        joined = subprocess.run(
+            command, input="/join extra\n", capture_output=True, text=True, timeout=30
+        )
+        assert joined.returncode == 3, joined.stderr
+        assert "not joined #extra" in joined.stderr
+
+
+async def test_closing_a_window_never_throws_unsent_lines_away(db: Path, tmp_path: Path) -> None:
+    with server(db) as proc:
+        async with client(proc, tmp_path) as term:
+            term.type("/join dev\r")
+            await term.wait_for(lambda s: "#dev: 1 here" in s)
+            proc.kill()
+            await term.wait_for(lambda s: "disconnected:" in s)
+            term.type("keep me\r")
+            await term.wait_for(lambda s: "(sending…)" in s)
+            term.type("/close\r")
+            await term.wait_for(lambda s: "#dev has 1 unsent line: wait until it is" in s)
+            assert "#dev" in term.status()
+            term.type("\x15/cancel\r")
+            await term.wait_for(lambda s: "cancelled" in s)
+            term.type("/close\r")
+            await term.wait_for(lambda s: "#dev" not in term.status())
+            proc.start()
