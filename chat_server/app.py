@@ -103,6 +103,9 @@ class ChatServer:
             close_timeout=config.close_timeout,
             handshake_timeout=config.handshake_timeout,
             max_connections_per_address=config.max_connections_per_ip,
+            # HAProxy's connections carry many clients: limited once X-Forwarded-For names
+            # each one, not refused at accept for being many.
+            proxy=self.proxies.known,
             tick=_tick(config),
         )
         self._stopped = asyncio.Event()
@@ -331,6 +334,7 @@ async def running_server(config: ServerConfig) -> AsyncIterator[ChatServer]:
             await chat.cluster.start()
         if isinstance(chat.quotas, SharedQuotas):
             chat.quotas.start()
+        await chat.proxies.resolve()
         await chat.server.listen(config.host, config.port)
         log.info(
             "listening on %s:%d, database %s (last id %d, epoch %s)",

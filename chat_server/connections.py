@@ -32,8 +32,10 @@ layer calls).
 from __future__ import annotations
 
 import asyncio
+import errno
 import http
 import logging
+import resource
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol, cast
@@ -43,6 +45,8 @@ from websockets.http11 import SERVER as SERVER_HEADER
 from websockets.http11 import Request, Response
 from websockets.protocol import CONNECTING, OPEN
 from websockets.server import ServerProtocol
+
+from chat_server.throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,13 @@ MAX_HANDSHAKE_BYTES = 16 * 1024
 #: was read but not parsed stays bytes: a 256 KiB read of tiny frames would otherwise
 #: become tens of thousands of strings at once, whatever the inbox limit.
 PARSE_SLICE = 4096
+#: File descriptors kept for everything but client connections (the database and its
+#: journal, logs, a backup): client connections may use the rest of the process's limit.
+FD_RESERVE = 64
+#: accept() errors that mean "out of file descriptors or memory, for now".
+_ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+#: Connections still in their handshake dropped, oldest first, when accept() runs out.
+EVICT_ON_EXHAUSTION = 64
 
 Message = str | bytes
 
@@ -161,6 +172,7 @@ class Connection(asyncio.Protocol):
         "_pinged",
         "_reading_paused",
         "_received",
+        "_refused",
         "_seen",
         "_unread",
         "_writing_paused",
@@ -178,8 +190,10 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.remote_address: tuple[Any, ...] | None = None
         self._ip = "?"
-        #: Counted in the server's per-address count (once its handshake was accepted).
+        #: Counted in the server's per-address count (from connection_made on).
         self._counted = False
+        #: Refused when it was accepted (over the per-address limit): no handshake.
+        self._refused = False
         #: Coarse time (the sweep's clock) data last came in; the handshake's start before.
         self._seen = server.clock
         #: When a keepalive ping was sent and nothing has come in since (0: none).
@@ -228,9 +242,10 @@ class Connection(asyncio.Protocol):
 
     @ip.setter
     def ip(self, address: str) -> None:
-        if self._counted:
+        if self.protocol.state is not CONNECTING:
             raise RuntimeError("the address of an accepted connection cannot change")
-        self._ip = address
+        if address != self._ip:
+            self.server.moved(self, address)
 
     def respond(self, status: http.HTTPStatus, text: str) -> Response:
         """A plain-text HTTP response, for a responder to return instead of a handshake."""
@@ -279,6 +294,11 @@ class Connection(asyncio.Protocol):
         elif protocol.state is CONNECTING and self.transport is not None:
             self.transport.abort()
 
+    def abort(self) -> None:
+        """Drop the TCP connection at once (a reset), without a closing handshake."""
+        if self.transport is not None:
+            self.transport.abort()
+
     def pause_reading(self) -> None:
         """Hand over no more messages until :meth:`resume_reading`; they wait in order."""
         self._held = True
@@ -319,10 +339,12 @@ class Connection(asyncio.Protocol):
         if address:
             self._ip = str(address[0])
         transport.set_write_buffer_limits(server.write_limit)
-        server.connections.add(self)
+        server.accepted(self)
 
     def data_received(self, data: bytes) -> None:
         protocol = self.protocol
+        if self._refused:
+            return  # its 429 is sent: what it says is of no interest
         if protocol.state is CONNECTING:
             self._received += len(data)
             if self._received > MAX_HANDSHAKE_BYTES and not protocol.eof_sent:
@@ -426,10 +448,10 @@ class Connection(asyncio.Protocol):
         if response is None:
             limit = server.max_connections_per_address
             ip = self.ip
-            if limit and server.per_address.get(ip, 0) >= limit:
-                log.warning("refused %s: already %d connections from it", ip, limit)
-                text = f"too many connections from {ip} (limit {limit})\n"
-                response = protocol.reject(http.HTTPStatus.TOO_MANY_REQUESTS, text)
+            # Counted since it was accepted; over only if the responder gave it another
+            # address (a client behind a proxy) that has its share already.
+            if limit and server.per_address.get(ip, 0) > limit:
+                response = server.refusal(self)
             elif not server.serving:
                 response = protocol.reject(
                     http.HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down\n"
@@ -447,7 +469,7 @@ class Connection(asyncio.Protocol):
             return
         self._deadline, self._expire = 0.0, None
         self._seen = server.clock
-        server.count(self)
+        server.waiting.pop(self, None)
         try:
             self.handler = server.opener(self, request)
         except Exception:
@@ -461,6 +483,17 @@ class Connection(asyncio.Protocol):
         return self.protocol.reject(
             http.HTTPStatus.INTERNAL_SERVER_ERROR, "failed to answer; see the server log\n"
         )
+
+    def refuse_at_once(self) -> None:
+        """Over the per-address limit from the moment it was accepted: answer 429 before
+        any request arrives and discard whatever does; the client closes its side (or
+        the sweep drops it after ``close_timeout``)."""
+        self._refused = True
+        protocol = self.protocol
+        protocol.send_response(self.server.refusal(self))
+        self._flush()
+        self._deadline = self.server.loop.time() + self.server.close_timeout
+        self._expire = None
 
     def _refuse_handshake(self) -> None:
         protocol = self.protocol
@@ -558,8 +591,15 @@ class Connection(asyncio.Protocol):
         try:
             handler.received(message)
         except Exception:
-            # A bug in one request must not take the connection or the server with it.
-            log.exception("handling a message from %s failed", self.remote)
+            # A bug in one request must not take the connection or the server with it
+            # (nor, repeated by a client, flood the log).
+            self.server.throttle.log(
+                logging.ERROR,
+                "handler-failed",
+                "handling a message from %s failed",
+                self.remote,
+                exc_info=True,
+            )
 
     # --- messages out and closing -------------------------------------------------------
 
@@ -648,15 +688,42 @@ class Connection(asyncio.Protocol):
             self._pinged = now
 
 
+def connection_budget() -> int:
+    """How many connections the open-file limit leaves room for (0: no limit)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    return max(16, soft - FD_RESERVE)
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft limit on open files to the hard limit (each connection holds one;
+    the usual soft default, 1024, is far below what the server can serve). Returns the
+    soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+            return soft
+        log.info("open-file limit raised from %d to %d", soft, hard)
+    return hard
+
+
 class WebSocketServer:
     """The listening socket, every connection, the per-address count, the sweep, shutdown.
 
     ``opener`` builds a connection's handler once its handshake succeeds; ``responder``
     may answer a handshake request with plain HTTP instead (``process_request`` in
-    websockets' terms); ``accept_headers`` go on every accepted handshake's response. A
-    WebSocket handshake from an address that already has ``max_connections_per_address``
-    WebSocket connections open (0: no limit) is answered 429; the address is
-    :attr:`Connection.ip` (which the responder may set).
+    websockets' terms); ``accept_headers`` go on every accepted handshake's response.
+    Connections are counted per address from the moment they are accepted, whatever
+    their state: a TCP connection from an address that already has
+    ``max_connections_per_address`` (0: no limit) is answered 429 at once, before it sends
+    anything, and beyond twice that it is reset. The address is :attr:`Connection.ip`
+    (which the responder may change during the handshake). ``max_connections`` (by
+    default what the open-file limit leaves) bounds all connections: beyond it, the
+    oldest one still in its handshake is dropped to make room.
     """
 
     def __init__(
@@ -671,6 +738,8 @@ class WebSocketServer:
         close_timeout: float = 5.0,
         handshake_timeout: float = 10.0,
         max_connections_per_address: int = 0,
+        proxy: Callable[[str], bool] | None = None,
+        max_connections: int | None = None,
         write_limit: int = 32 * 1024,
         inbox_limit: int = 16,
         tick: float = 1.0,
@@ -684,6 +753,12 @@ class WebSocketServer:
         self.close_timeout = close_timeout
         self.handshake_timeout = handshake_timeout
         self.max_connections_per_address = max_connections_per_address
+        #: Whether a peer address is a trusted reverse proxy: its connections are counted
+        #: but never refused at accept, since whose they are is known only from the request.
+        self.proxy = proxy
+        #: Most TCP connections at once (0: no limit; None: what the open-file limit
+        #: leaves after FD_RESERVE).
+        self.max_connections = connection_budget() if max_connections is None else max_connections
         self.write_limit = write_limit
         self.inbox_limit = inbox_limit
         self.tick = tick
@@ -691,8 +766,14 @@ class WebSocketServer:
         #: The sweep's clock: loop.time() at the last sweep, read instead of the clock.
         self.clock = self.loop.time()
         self.connections: set[Connection] = set()
-        #: Open WebSocket connections per client address (Connection.ip).
+        #: TCP connections per client address (Connection.ip), counted from accept on:
+        #: a socket that never sends a handshake counts as much as an open WebSocket.
         self.per_address: dict[str, int] = {}
+        #: Connections without an open WebSocket yet (in their handshake, or refused),
+        #: oldest first: the ones dropped to make room when file descriptors run short.
+        self.waiting: dict[Connection, None] = {}
+        #: Refusals and resource errors are logged once per interval, not once each.
+        self.throttle = LogThrottle(log)
         #: Running tasks: a session's current request, a handshake answered later.
         self.tasks: set[asyncio.Task[None]] = set()
         self.serving = False
@@ -700,6 +781,7 @@ class WebSocketServer:
         self._sweeper: asyncio.Task[None] | None = None
         #: Set during shutdown when the last connection is gone.
         self._emptied: asyncio.Event | None = None
+        self._previous_handler: Any = None
 
     @property
     def sockets(self) -> tuple[Any, ...]:
@@ -712,6 +794,7 @@ class WebSocketServer:
     async def listen(
         self, host: str | None, port: int, *, backlog: int = LISTEN_BACKLOG, **kwargs: Any
     ) -> None:
+        self._watch_accept_errors()
         self._server = await self.loop.create_server(
             lambda: Connection(self), host, port, backlog=backlog, **kwargs
         )
@@ -732,21 +815,112 @@ class WebSocketServer:
 
     # --- bookkeeping, called by connections -------------------------------------------
 
-    def count(self, connection: Connection) -> None:
-        """Count an accepted WebSocket connection against its address."""
+    def accepted(self, connection: Connection) -> None:
+        """A TCP connection was accepted: count it against its address at once, and
+        refuse it at once when that is over the limit. When the connections would use
+        up the file descriptors, drop the oldest one still in its handshake instead."""
+        self.connections.add(connection)
+        self.waiting[connection] = None
         ip = connection.ip
-        self.per_address[ip] = self.per_address.get(ip, 0) + 1
+        count = self.per_address[ip] = self.per_address.get(ip, 0) + 1
         connection._counted = True
+        limit = self.max_connections_per_address
+        if limit and count > limit and not (self.proxy is not None and self.proxy(ip)):
+            if count > 2 * limit:
+                # Its refusals are still being read: drop this one without a word (a
+                # reset), so that one address holds at most twice its limit.
+                self.throttle.warning(
+                    "dropped", "reset connections from %s: %d open from it", ip, count - 1
+                )
+                connection.abort()
+            else:
+                connection.refuse_at_once()
+            return
+        cap = self.max_connections
+        if cap and len(self.connections) > cap:
+            self._make_room(1, exclude=connection)
+
+    def _make_room(self, count: int, exclude: Connection | None = None) -> int:
+        """Drop up to ``count`` of the oldest connections without an open WebSocket
+        (refused, or silent in their handshake); the newest if there is none other."""
+        victims: list[Connection] = []
+        for connection in self.waiting:
+            if len(victims) >= count:
+                break
+            if connection is not exclude:
+                victims.append(connection)
+        if not victims and exclude is not None:
+            victims.append(exclude)
+        self.throttle.warning(
+            "full",
+            "%d connections open (limit %d, from the open-file limit): dropped %d still "
+            "in their handshake",
+            len(self.connections),
+            self.max_connections,
+            len(victims),
+        )
+        for connection in victims:
+            self.waiting.pop(connection, None)
+            connection.abort()
+        return len(victims)
+
+    def refusal(self, connection: Connection) -> Response:
+        """The 429 for a connection over its address's limit (logged once a while)."""
+        ip, limit = connection.ip, self.max_connections_per_address
+        self.throttle.warning(
+            "refused", "refused connections from %s: already %d open from it", ip, limit
+        )
+        text = f"too many connections from {ip} (limit {limit})\n"
+        response = connection.respond(http.HTTPStatus.TOO_MANY_REQUESTS, text)
+        response.headers["Server"] = SERVER_HEADER
+        return response
+
+    def moved(self, connection: Connection, ip: str) -> None:
+        """The responder says the client is at ``ip`` (behind a trusted proxy)."""
+        if connection._counted:
+            self._uncount(connection)
+            self.per_address[ip] = self.per_address.get(ip, 0) + 1
+        connection._ip = ip
+
+    def _uncount(self, connection: Connection) -> None:
+        ip = connection.ip
+        count = self.per_address.get(ip, 0) - 1
+        if count > 0:
+            self.per_address[ip] = count
+        else:
+            self.per_address.pop(ip, None)
+
+    def _watch_accept_errors(self) -> None:
+        """Out of file descriptors, the event loop reports each failed accept(): log it
+        once a while instead, and drop connections still in their handshake to make
+        room, so that /healthz and real clients get in again at once."""
+        self._previous_handler = previous = self.loop.get_exception_handler()
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            exc = context.get("exception")
+            if isinstance(exc, OSError) and exc.errno in _ACCEPT_RESOURCE_ERRORS:
+                self.throttle.log(
+                    logging.ERROR,
+                    "accept",
+                    "cannot accept connections: %s (%d open; %s); dropping the oldest "
+                    "ones still in their handshake",
+                    exc.strerror or exc,
+                    len(self.connections),
+                    context.get("message", ""),
+                )
+                self._make_room(EVICT_ON_EXHAUSTION)
+            elif previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        self.loop.set_exception_handler(handler)
 
     def removed(self, connection: Connection) -> None:
         self.connections.discard(connection)
+        self.waiting.pop(connection, None)
         if connection._counted:
-            ip = connection.ip
-            count = self.per_address.get(ip, 0) - 1
-            if count > 0:
-                self.per_address[ip] = count
-            else:
-                self.per_address.pop(ip, None)
+            self._uncount(connection)
         if not self.connections and self._emptied is not None:
             self._emptied.set()
 
@@ -837,6 +1011,7 @@ class WebSocketServer:
         if self._sweeper is not None:
             await asyncio.gather(self._sweeper, return_exceptions=True)
             self._sweeper = None
+        self.loop.set_exception_handler(self._previous_handler)
         log.info(
             "connections closed in %.2f s: %d of %d open ones sent %d, %d aborted "
             "(no answer in time or not reached), %d aborted in their handshake",
@@ -879,4 +1054,6 @@ __all__ = [
     "Opener",
     "Responder",
     "WebSocketServer",
+    "connection_budget",
+    "raise_open_file_limit",
 ]

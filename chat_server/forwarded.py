@@ -81,6 +81,15 @@ class TrustedProxies:
                     resolved.add(address)
         self._resolved = resolved
 
+    async def resolve(self) -> None:
+        """Resolve the proxies' host names now (at start, before the first connection)."""
+        await self._refresh(0)
+
+    def known(self, peer: str) -> bool:
+        """Whether ``peer`` is a trusted proxy, as far as is known without waiting."""
+        address = _address(peer)
+        return address is not None and self._trusted(address)
+
     def _trusted(self, address: Address) -> bool:
         return address in self._resolved or any(address in net for net in self.networks)
 

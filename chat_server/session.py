@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ from chat_server.fanout import Hold, Hub, Member
 from chat_server.messages import Draft, EncodedFrames, Scope, StoredMessage
 from chat_server.presence import Presence
 from chat_server.ratelimit import Limit, Quotas, TokenBucket
+from chat_server.throttle import LogThrottle
 
 if TYPE_CHECKING:
     from chat_server.cluster import Cluster
@@ -95,9 +97,13 @@ class Context:
     catchups: asyncio.Semaphore = field(init=False)
     #: Recent messages' ``msg`` frames, encoded once for every client that needs them.
     encoded: EncodedFrames = field(default_factory=EncodedFrames)
+    #: What clients can make the server log over and over (kicks, failing requests) is
+    #: logged once per kind per interval: an attack must not flood the log.
+    throttle: LogThrottle = field(init=False)
 
     def __post_init__(self) -> None:
         self.catchups = asyncio.Semaphore(self.config.catchup_concurrency)
+        self.throttle = LogThrottle(log)
 
 
 class Slot:
@@ -172,7 +178,13 @@ class Session:
         try:
             request = self._admit(slot, data)
         except Exception:
-            log.exception("reading a frame from %s failed", self.link.remote)
+            self.ctx.throttle.log(
+                logging.ERROR,
+                "read-failed",
+                "reading a frame from %s failed",
+                self.link.remote,
+                exc_info=True,
+            )
             self._fill(slot, [_error(ErrorCode.INTERNAL, _INTERNAL)])
             return
         if request is None:
@@ -206,7 +218,10 @@ class Session:
     def kick(self, code: int, reason: str) -> None:
         """Close the connection, and be gone from now on."""
         if not self.gone:
-            log.warning("closing %s (%s): %s", self.nick or "?", self.link.remote, reason)
+            kind = reason.partition(":")[0]  # "too slow", "flooding", "replaced", ...
+            self.ctx.throttle.warning(
+                "kick-" + kind, "closing %s (%s): %s", self.nick or "?", self.link.remote, reason
+            )
             self._stop()
         self.link.close(code, reason)
 
@@ -334,7 +349,15 @@ class Session:
                 except _CatchupFailed:
                     return
                 except Exception:
-                    log.exception("request %s from %s failed", type(request).__name__, self.nick)
+                    kind = type(request).__name__
+                    self.ctx.throttle.log(
+                        logging.ERROR,
+                        "failed-" + kind,
+                        "request %s from %s failed",
+                        kind,
+                        self.nick,
+                        exc_info=True,
+                    )
                     self._fill(slot, [_error(ErrorCode.INTERNAL, _INTERNAL, slot.ref, slot.cid)])
         finally:
             if self.worker is asyncio.current_task():
@@ -347,6 +370,10 @@ class Session:
             await self._send(slot, request)  # answered when its batch commits
             return
         await self._turn(slot)
+        # Not before the last reply has left: a client that asks and never reads then
+        # holds one reply in memory, not one per request it pipelined (its later
+        # requests wait, unread, in its socket), and costs no reads it will not take.
+        await self.link.drain()
         if isinstance(request, Hello):
             if self.nick_key:
                 raise ProtocolError(ErrorCode.ALREADY_HELLO, "hello was already accepted")
@@ -372,7 +399,7 @@ class Session:
                     await quotas.give_back(*done)
                 raise ProtocolError(
                     ErrorCode.RATE_LIMITED,
-                    f"over the limit of {limit.value}; try again in {wait:.1f} s",
+                    f"over the limit of {limit.value}; try again in {_after(wait)}",
                     retry_after=_seconds(wait),
                 )
             taken.append((limit, key, cost))
@@ -412,7 +439,7 @@ class Session:
         if claim.status is ClaimStatus.NOT_ALLOWED:
             raise ProtocolError(
                 ErrorCode.RATE_LIMITED,
-                f"over the limit of {Limit.ADDRESS_NICKS.value}; try again in {wait:.1f} s",
+                f"over the limit of {Limit.ADDRESS_NICKS.value}; try again in {_after(wait)}",
                 retry_after=_seconds(wait),
             )
         if claim.status is ClaimStatus.WEAK_SECRET:
@@ -856,6 +883,15 @@ def _error(
 def _seconds(wait: float) -> float:
     """A retry_after value: seconds, rounded up to the millisecond."""
     return max(0.001, round(wait + 0.0005, 3))
+
+
+def _after(wait: float) -> str:
+    """The wait for a person to read, never shorter than ``retry_after``: milliseconds
+    under a second ("15 ms", not "0.0 s"), else seconds rounded up to a tenth."""
+    seconds = _seconds(wait)
+    if seconds < 1:
+        return f"{round(seconds * 1000)} ms"
+    return f"{math.ceil(seconds * 10) / 10:.1f} s"
 
 
 def _nothing(message: StoredMessage) -> bool:

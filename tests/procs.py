@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -15,17 +16,44 @@ LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
 
 
 class ServerProcess:
-    def __init__(self, db: Path, *args: str, port: int = 0) -> None:
+    def __init__(
+        self,
+        db: Path,
+        *args: str,
+        port: int = 0,
+        nofile: tuple[int, int] | None = None,
+        uvloop: bool = True,
+    ) -> None:
         self.db = db
         self.args = args
         self.port = port
+        #: (soft, hard) limit on open files to start it with, as a container might.
+        self.nofile = nofile
+        #: False: run on asyncio's own loop, as without the optional uvloop installed.
+        self.uvloop = uvloop
         self.proc: subprocess.Popen[str] | None = None
         self.log: list[str] = []
 
     def start(self, timeout: float = 15.0) -> ServerProcess:
-        cmd = [sys.executable, "-m", "chat_server", "--port", str(self.port), "--db", str(self.db)]
+        run = ["-m", "chat_server"]
+        if not self.uvloop:
+            code = "import sys; sys.modules['uvloop'] = None; from chat_server.__main__ import main"
+            run = ["-c", code + "; main()"]
+        cmd = [sys.executable, *run, "--port", str(self.port), "--db", str(self.db)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([*cmd, *self.args], stderr=subprocess.PIPE, text=True, env=env)
+        nofile = self.nofile
+
+        def limit_files() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+
+        self.proc = subprocess.Popen(
+            [*cmd, *self.args],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            preexec_fn=limit_files if nofile is not None else None,
+        )
         assert self.proc.stderr is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

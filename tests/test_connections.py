@@ -173,8 +173,9 @@ async def ended(reader: asyncio.StreamReader) -> bool:
         return True
 
 
-async def raw_request(port: int, request: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def raw_request(port: int, request: bytes, source: str | None = None) -> bytes:
+    local = (source, 0) if source is not None else None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=local)
     try:
         writer.write(request)
         await writer.drain()
@@ -311,8 +312,12 @@ async def test_responder_answers_plain_http_and_the_per_address_limit_answers_42
             with pytest.raises(InvalidStatus) as refused:
                 await connect(ws_url(server))
             assert refused.value.response.status_code == 429
-            # /healthz is answered by the responder, limit or not.
-            reply = await raw_request(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            # Connections are counted from accept on: even /healthz, from that address.
+            health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            reply = await raw_request(server.port, health)
+            assert reply.startswith(b"HTTP/1.1 429 ")
+            # Other addresses are not affected.
+            reply = await raw_request(server.port, health, source="127.0.0.2")
             assert reply.startswith(b"HTTP/1.1 200 OK") and reply.endswith(b"OK\n")
             assert app.health_calls == 1
         finally:
@@ -335,6 +340,7 @@ async def test_the_limit_counts_the_address_the_responder_gives() -> None:
             with pytest.raises(InvalidStatus) as refused:
                 await connect(url, additional_headers={"X-Test-Client": "10.0.0.1"})
             assert refused.value.response.status_code == 429
+            await asyncio.sleep(0.05)  # the refused one is counted until it has closed
             assert server.per_address == {"10.0.0.1": 1, "10.0.0.2": 1}
         await asyncio.sleep(0.05)
         assert server.per_address == {}
@@ -357,6 +363,94 @@ async def test_bad_handshakes_are_refused(request_bytes: bytes, status: bytes) -
         async with connect(ws_url(server)) as ws:
             await ws.send("unaffected")
             assert await ws.recv() == "unaffected"
+
+
+async def open_from(port: int, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw TCP connection from ``source`` that sends nothing."""
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+async def test_silent_sockets_count_against_the_per_address_limit_from_accept() -> None:
+    """Sockets that never send a handshake count too: past the limit a socket is refused
+    429 at once, before it says a word; past twice the limit it is reset."""
+    async with layer(max_connections_per_address=4, handshake_timeout=10.0) as (server, _):
+        silent = [await open_from(server.port, "127.0.0.5") for _ in range(4)]
+        reader, writer = await open_from(server.port, "127.0.0.5")
+        silent.append((reader, writer))
+        async with asyncio.timeout(1):  # not after the 10 s handshake timeout
+            reply = await reader.read()
+        assert reply.startswith(b"HTTP/1.1 429 "), reply
+        assert b"too many connections from 127.0.0.5 (limit 4)" in reply
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(ws_url(server), local_addr=("127.0.0.5", 0))
+        assert refused.value.response.status_code == 429
+        silent += [await open_from(server.port, "127.0.0.5") for _ in range(40)]
+        await asyncio.sleep(0.1)
+        held = sum(c.ip == "127.0.0.5" for c in server.connections)
+        assert held <= 8, f"{held} connections held for one address with a limit of 4"
+        async with connect(ws_url(server), local_addr=("127.0.0.6", 0)) as ws:
+            await ws.send("others are fine")
+            assert await ws.recv() == "others are fine"
+        for _, w in silent:
+            w.close()
+
+
+async def test_a_trusted_proxys_connections_are_limited_by_client_not_at_accept() -> None:
+    """Behind HAProxy every connection comes from one address: a burst of more than the
+    limit in their handshakes at once is not refused for it; each client is limited once
+    its request names it."""
+    async with layer(
+        max_connections_per_address=4,
+        handshake_timeout=10.0,
+        proxy=lambda ip: ip == "127.0.0.7",
+    ) as (server, _):
+        pending = [await open_from(server.port, "127.0.0.7") for _ in range(12)]
+        await asyncio.sleep(0.1)
+        assert sum(c.ip == "127.0.0.7" for c in server.connections) == 12
+        clients = [
+            await connect(
+                ws_url(server),
+                local_addr=("127.0.0.7", 0),
+                additional_headers={"X-Test-Client": f"10.0.0.{n}"},
+            )
+            for n in range(12)
+        ]
+
+        # Each client still has its own limit: 10.0.0.1 holds one, three more, then 429.
+        def as_first() -> Any:
+            return connect(
+                ws_url(server),
+                local_addr=("127.0.0.7", 0),
+                additional_headers={"X-Test-Client": "10.0.0.1"},
+            )
+
+        clients += [await as_first() for _ in range(3)]
+        with pytest.raises(InvalidStatus) as refused:
+            await as_first()
+        assert refused.value.response.status_code == 429
+        for ws in clients:
+            await ws.close()
+        for _, w in pending:
+            w.close()
+
+
+async def test_past_max_connections_the_oldest_handshake_makes_room() -> None:
+    """When connections would use up the file descriptors, the oldest one still in its
+    handshake is dropped for a new one: silent sockets cannot lock everyone out."""
+    async with layer(max_connections=8, handshake_timeout=10.0) as (server, _):
+        silent = [await open_from(server.port, f"127.0.1.{n}") for n in range(1, 9)]
+        async with connect(ws_url(server)) as ws:
+            await ws.send("in")
+            assert await ws.recv() == "in"
+            assert await ended(silent[0][0]), "the oldest silent socket made room"
+            # A full house of open WebSockets and silent sockets: the silent go first.
+            more = [await open_from(server.port, f"127.0.2.{n}") for n in range(1, 9)]
+            await asyncio.sleep(0.1)
+            assert len(server.connections) <= 8
+            await ws.send("still in")
+            assert await ws.recv() == "still in"
+        for _, w in silent + more:
+            w.close()
 
 
 async def test_garbage_instead_of_a_handshake_is_closed() -> None:
@@ -485,6 +579,43 @@ async def test_what_a_reader_leaves_unread_is_buffered_and_closing_it_is_at_once
                 assert await other.recv() == "others are fine"
         finally:
             stuck.transport.abort()  # it would wait for its own close timeout
+
+
+@pytest.mark.parametrize("first", ["client", "server"])
+async def test_a_closing_handshake_to_a_peer_that_never_reads_ends_at_close_timeout(
+    first: str,
+) -> None:
+    """With megabytes waiting for a client that does not read, the close frame can never
+    be sent: the TCP connection is aborted after close_timeout, whoever began closing."""
+    loop = asyncio.get_running_loop()
+    async with layer(close_timeout=0.5) as (server, app):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", server.port))
+            await loop.sock_sendall(sock, HANDSHAKE + b"\r\n")
+            assert (await loop.sock_recv(sock, 4096)).startswith(b"HTTP/1.1 101")
+            if first == "client":  # 4 MiB it never reads, then its close frame
+                bulk = Frame(Opcode.TEXT, b"bulk:64:65536:nodrain")
+                await loop.sock_sendall(sock, bulk.serialize(mask=True))
+                await asyncio.sleep(0.2)
+                close = Frame(Opcode.CLOSE, Close(1000, "bye").serialize())
+                await loop.sock_sendall(sock, close.serialize(mask=True))
+                expected = (1000, "bye")
+            else:  # the server closes it as too slow
+                flood = Frame(Opcode.TEXT, b"limit:64:65536:100000")
+                await loop.sock_sendall(sock, flood.serialize(mask=True))
+                expected = (1008, "too slow")
+            started = time.monotonic()
+            assert await app.closed_codes(1, timeout=1) == [expected]
+            while server.connections and time.monotonic() - started < 5:
+                await asyncio.sleep(0.02)
+            took = time.monotonic() - started
+            assert not server.connections
+            assert 0.4 < took < 1.5, f"TCP dropped after {took:.2f} s, close_timeout 0.5 s"
+        finally:
+            sock.close()
 
 
 # --- shutdown -------------------------------------------------------------------------------

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import sqlite3
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chat_protocol import ErrorCode
+from chat_server.throttle import LogThrottle
 from tests.helpers import NO_LIMITS, peer, server, url
 
 
@@ -36,6 +39,56 @@ async def test_connections_per_ip_are_limited(db: Path) -> None:
         await asyncio.sleep(0.1)
         async with peer(chat, "after") as p:  # room again once they closed
             await p.say("fine")
+
+
+async def test_kicking_many_flooders_logs_one_line_per_interval(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each flooder is closed with 1008, but the warning is written once per interval
+    (with a count of the rest), not once per connection: an attack cannot flood the log."""
+    async with server(db, rate=1.0, burst=1, flood_strikes=2) as chat:
+        for n in range(12):
+            async with connect(url(chat)) as ws:
+                for _ in range(5):
+                    await ws.send(json.dumps({"type": "who", "room": "lobby"}))
+                try:
+                    async with asyncio.timeout(5):
+                        while True:
+                            await ws.recv()
+                except ConnectionClosed as closed:
+                    assert closed.rcvd is not None and closed.rcvd.code == 1008, n
+        async with peer(chat, "after") as p:  # others still get in
+            assert p.welcome["nick"] == "after"
+    kicks = [r for r in caplog.records if "flooding" in r.getMessage()]
+    assert len(kicks) == 1, [r.getMessage() for r in kicks]
+
+
+def test_the_log_throttle_counts_what_it_left_out() -> None:
+    now = [0.0]
+    logger = logging.getLogger("tests.throttle")
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        throttle = LogThrottle(logger, interval=10.0, clock=lambda: now[0])
+        for n in range(5):
+            now[0] = n
+            throttle.warning("a", "refused %s", n)
+        throttle.warning("b", "another kind")
+        now[0] = 12.0
+        throttle.warning("a", "refused %s", "late")
+    finally:
+        logger.removeHandler(handler)
+    assert records == [
+        "refused 0",
+        "another kind",
+        "refused late (and 4 more like this in the last 12 s)",
+    ]
 
 
 async def test_half_open_connections_time_out_and_others_chat(db: Path) -> None:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import inspect
 import json
+import math
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
+import tracemalloc
 import urllib.error
 import urllib.request
 import uuid
@@ -26,6 +29,8 @@ import aiosqlite
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+from websockets.frames import Frame as WsFrame
+from websockets.frames import Opcode
 
 import chat_server.backends.postgres
 import chat_server.backends.sqlite
@@ -40,6 +45,12 @@ from tests.stores import db_on_both_stores, db_rows  # noqa: F401 (db: SQLite an
 @pytest.fixture
 def sqlite_db(tmp_path: Path) -> Path:
     return tmp_path / "chat.db"
+
+
+HANDSHAKE = (
+    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
 
 
 def fail_once(monkeypatch: pytest.MonkeyPatch, owner: Any, name: Any) -> list[int]:
@@ -246,6 +257,53 @@ async def test_a_departed_clients_catch_up_stops(db: Path) -> None:
             await p.say("the server is free", room="r0")
 
 
+async def test_pipelined_history_from_clients_that_never_read_is_bounded_and_freed(
+    db: Path,
+) -> None:
+    """Clients with a tiny receive buffer pipeline 20 history requests each and never
+    read, then hang up: the server holds about one reply for each meanwhile, not one per
+    request (20 x 128 KiB), and all of it is freed when they go (tracemalloc: Python's
+    memory; the RSS side is test_server_process.py's)."""
+    rooms = [f"r{n}" for n in range(8)]
+    loop = asyncio.get_running_loop()
+    async with server(db, **NO_LIMITS) as chat:
+        await fill(chat, rooms, 30, "\x01" * 4000)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            baseline = tracemalloc.get_traced_memory()[0]
+            clients = []
+            for n in range(60):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+                sock.setblocking(False)
+                await loop.sock_connect(sock, ("127.0.0.1", chat.port))
+                await loop.sock_sendall(sock, HANDSHAKE)
+                assert (await loop.sock_recv(sock, 4096)).startswith(b"HTTP/1.1 101")
+                frames = [{"type": "hello", "nick": f"never{n}", "rooms": [], "history": 0}]
+                frames += [{"type": "history", "room": rooms[k % 8]} for k in range(20)]
+                data = b"".join(
+                    WsFrame(Opcode.TEXT, json.dumps(f).encode()).serialize(mask=True)
+                    for f in frames
+                )
+                await loop.sock_sendall(sock, data)
+                clients.append(sock)
+            await asyncio.sleep(2.0)
+            held = tracemalloc.get_traced_memory()[0] - baseline
+            for sock in clients:
+                sock.close()
+            await asyncio.sleep(1.0)
+            gc.collect()
+            left = tracemalloc.get_traced_memory()[0] - baseline
+        finally:
+            tracemalloc.stop()
+        per_client = held / len(clients)
+        assert per_client < 256 * 1024, f"{per_client / 1024:.0f} KiB held per client"
+        assert left < 2 * 2**20, f"{left / 2**20:.1f} MiB still held after they left"
+        async with peer(chat, "after", rooms=rooms[:1]) as p:
+            await p.say("the server is free", room="r0")
+
+
 async def test_costly_requests_are_limited_per_address(db: Path) -> None:
     rooms = [f"c{n}" for n in range(32)]
     async with server(db) as chat:
@@ -395,6 +453,22 @@ async def test_the_message_rate_per_address_spans_nicks(db: Path) -> None:
                 assert all("messages per address" in f["message"] for f in errors)
         elapsed = time.monotonic() - started
         assert acked <= 20 + 10 * elapsed + 1, (acked, elapsed)
+
+
+async def test_a_short_wait_is_said_in_milliseconds_never_0_0_s(db: Path) -> None:
+    """A wait under a second reads "try again in 15 ms", matching retry_after, not "0.0 s"."""
+    async with server(db, rate=1000.0, burst=1000, address_rate=50.0, address_burst=1) as chat:
+        async with peer(chat, "quick", history=0) as p:
+            for m in range(3):
+                await p.send({"type": "send", "cid": f"c{m}", "room": "lobby", "body": "x"})
+            errors = [f for f in await p.quiet(0.2) if f["type"] == "error"]
+            assert errors, "the address rate refused nothing"
+            for error in errors:
+                assert error["code"] == "rate_limited"
+                wait = error["retry_after"]
+                assert 0 < wait < 1
+                ms = math.ceil(wait * 1000 - 1e-6)
+                assert error["message"].endswith(f"try again in {ms} ms"), error
 
 
 async def test_new_rooms_and_nick_registrations_have_quotas(db: Path) -> None:

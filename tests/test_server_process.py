@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import sqlite3
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame as WsFrame
+from websockets.frames import Opcode
 
 from tests.helpers import NO_LIMIT_FLAGS, NO_LIMITS, peer, server
 from tests.procs import ServerProcess
@@ -184,3 +187,117 @@ async def test_sigterm_with_idle_half_open_and_silent_sockets_exits_0_within_3s(
         idle.close()
         partial.close()
         silent.transport.abort()
+
+
+def _open_files_limit(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-file limit in /proc")
+
+
+def _healthz_seconds(port: int) -> float:
+    """Seconds /healthz took to answer 200 (it fails the test if it does not)."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 200 "), reply
+    return time.monotonic() - started
+
+
+async def test_a_flood_of_silent_sockets_cannot_use_up_the_open_files(db: Path) -> None:
+    """Out of file descriptors, the server neither floods its log nor stops answering:
+    it starts with its soft open-file limit raised to the hard one, keeps connections
+    below it, and drops the oldest silent handshakes to let new connections in."""
+    proc = ServerProcess(db, *NO_LIMIT_FLAGS, nofile=(100, 160)).start()
+    loop = asyncio.get_running_loop()
+    flood: list[socket.socket] = []
+    try:
+        assert proc.proc is not None
+        assert _open_files_limit(proc.proc.pid) == (160, 160)
+        for n in range(600):  # far past 160 files, from 60 addresses
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.bind((f"127.0.4.{1 + n % 60}", 0))
+            try:
+                await loop.sock_connect(sock, ("127.0.0.1", proc.port))
+            except OSError:
+                sock.close()
+                continue
+            flood.append(sock)
+        await asyncio.sleep(0.5)
+        assert await asyncio.to_thread(_healthz_seconds, proc.port) < 2.0
+        async with peer(proc.url, "alice") as alice:
+            await alice.say("still chatting")
+        await asyncio.sleep(1.0)
+    finally:
+        for sock in flood:
+            sock.close()
+        proc.stop()
+    log = "".join(proc.log)
+    assert "open-file limit raised from 100 to 160" in log
+    assert len(proc.log) < 60, f"{len(proc.log)} log lines:\n" + "".join(proc.log[-20:])
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc")
+
+
+HANDSHAKE = (
+    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def test_memory_comes_back_after_clients_pipeline_history_and_never_read(db: Path) -> None:
+    """The outside attack's histhold.py: rounds of 200 connections that pipeline 20
+    history requests each with a 2 KiB receive buffer, never read, and hang up. RSS must
+    come back near its baseline after each round (it grew 25-45 MiB a round). On
+    asyncio's own loop: its transports buffer unsent bytes in a growing bytearray."""
+    proc = ServerProcess(db, *NO_LIMIT_FLAGS, uvloop=False).start()
+    loop = asyncio.get_running_loop()
+    rooms = [f"big{n}" for n in range(8)]
+    try:
+        assert proc.proc is not None
+        pid = proc.proc.pid
+        async with peer(proc.url, "filler", rooms=rooms) as filler:
+            for n in range(64):  # 24 KiB each on the wire: replies of 128 KiB
+                await filler.say("\x01" * 4000, room=rooms[n % 8])
+        await asyncio.sleep(0.5)
+        baseline = _rss_mib(pid)
+        after: list[float] = []
+        for round_ in range(3):
+            clients = []
+            for n in range(200):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+                sock.setblocking(False)
+                await loop.sock_connect(sock, ("127.0.0.1", proc.port))
+                await loop.sock_sendall(sock, HANDSHAKE)
+                assert (await loop.sock_recv(sock, 4096)).startswith(b"HTTP/1.1 101")
+                nick = f"h{round_}x{n}"
+                frames = [{"type": "hello", "nick": nick, "rooms": [], "history": 0}]
+                frames += [{"type": "history", "room": rooms[k % 8]} for k in range(20)]
+                await loop.sock_sendall(
+                    sock,
+                    b"".join(
+                        WsFrame(Opcode.TEXT, json.dumps(f).encode()).serialize(mask=True)
+                        for f in frames
+                    ),
+                )
+                clients.append(sock)
+            await asyncio.sleep(2.0)
+            for sock in clients:
+                sock.close()
+            await asyncio.sleep(2.0)
+            after.append(_rss_mib(pid) - baseline)
+        async with peer(proc.url, "after") as p:
+            await p.say("still fine")
+    finally:
+        proc.stop()
+    assert max(after) < 15, f"RSS above its {baseline:.0f} MiB baseline after each round: {after}"
