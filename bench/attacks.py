@@ -18,8 +18,10 @@ on a fresh database in a temporary directory, and prints what it measured:
 * ``healthz``: a flood of ``/healthz`` from one address: answers and probe writes.
 
 The same command measures any version of the server: run it with ``PYTHONPATH`` pointing
-at another checkout's ``chat_server`` to get the "before" figures. Settings a version does
-not have are left out (the server's ``--help`` says which it has).
+at another checkout's ``chat_server`` to get the "before" figures, from a working directory
+that holds no ``chat_server`` (``python -m`` puts the current directory first on the path,
+ahead of ``PYTHONPATH``, for this tool and for the server it starts). Settings a version
+does not have are left out (the server's ``--help`` says which it has).
 """
 
 from __future__ import annotations
