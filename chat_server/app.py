@@ -184,9 +184,15 @@ class ChatServer:
         fresh = healthy_at is not None and now - healthy_at < HEALTH_CACHE
         if fresh and self.store.writable and self._stream_healthy():
             return None
-        if self._health_probe is None:
-            self._health_probe = asyncio.create_task(self._probe())
-        return await asyncio.shield(self._health_probe)
+        probe = self._health_probe
+        if probe is None:
+            probe = self._health_probe = asyncio.create_task(self._probe())
+        # The probe's own timeout may not end it: cancelling a PostgreSQL query waits for
+        # the server to confirm, and a paused server never does. Answer on time anyway.
+        done, _ = await asyncio.wait({probe}, timeout=HEALTH_TIMEOUT + 0.5)
+        if not done:
+            return f"the database did not answer a probe write within {HEALTH_TIMEOUT:g} s"
+        return probe.result()
 
     def _stream_healthy(self) -> bool:
         """In a cluster, whether this replica hears the other replicas' commits."""

@@ -282,6 +282,35 @@ async def test_sigterm_with_postgres_paused_exits_0_within_3s(
     assert elapsed < 3, f"took {elapsed:.1f} s:\n" + "".join(a.log[-20:])
 
 
+async def test_healthz_answers_503_on_time_while_postgres_is_paused(
+    private_postgres: Postgres, replicas: Replicas
+) -> None:
+    """A paused PostgreSQL answers nothing and refuses nothing: /healthz still says 503
+    within its probe's timeout, every time (a monitor must not see a hang and a dropped
+    connection)."""
+    url = await fresh_database(private_postgres)
+    (a,) = replicas(url, 1)
+    await until_healthz(a, 200)
+    async with peer(a.url, "alice") as alice:
+        await asyncio.to_thread(private_postgres.pause)
+        try:
+            # Sends the writer holds, waiting for PostgreSQL, as in real traffic.
+            for n in range(5):
+                await alice.send({"type": "send", "cid": f"h{n}", "room": "lobby", "body": "x"})
+            await asyncio.sleep(1.5)  # past the cached success
+            for _ in range(4):
+                started = time.monotonic()
+                statuses = await asyncio.gather(
+                    *(asyncio.to_thread(healthz, a) for _ in range(3)), return_exceptions=True
+                )
+                elapsed = time.monotonic() - started
+                assert statuses == [503] * 3, f"{statuses} after {elapsed:.1f} s"
+                assert elapsed < 4.5, f"503 took {elapsed:.1f} s"
+        finally:
+            await asyncio.to_thread(private_postgres.unpause)
+    await until_healthz(a, 200)
+
+
 async def test_catch_up_waits_for_the_stream_and_shows_a_message_once(
     pg_url: str, replicas: Replicas
 ) -> None:
