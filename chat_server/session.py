@@ -459,6 +459,21 @@ class Session:
     # --- hello and the catch-up ------------------------------------------------------------
 
     async def _hello(self, hello: Hello, ref: str | None) -> None:
+        # The client said hello in time: while it is answered, a deadline is the
+        # database's fault, and the close says so (1011, retry) instead of blaming the
+        # client (1008). A refused hello gives the client its own deadline back.
+        timeout = self.ctx.config.hello_timeout
+        self.link.close_after(
+            timeout, CloseCode.INTERNAL, "the database did not answer your hello in time"
+        )
+        try:
+            await self._welcome(hello, ref)
+        except BaseException:
+            if not self.nick:
+                self.link.close_after(timeout, CloseCode.POLICY, "no hello in time")
+            raise
+
+    async def _welcome(self, hello: Hello, ref: str | None) -> None:
         await self._new_rooms(hello.rooms, len(hello.rooms) + 1)
         claim = await self._claim(hello.nick, hello.secret)
         key = nick_key(claim.nick)

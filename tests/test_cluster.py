@@ -311,6 +311,26 @@ async def test_healthz_answers_503_on_time_while_postgres_is_paused(
     await until_healthz(a, 200)
 
 
+async def test_a_hello_the_database_cannot_answer_is_closed_1011_not_blamed_on_the_client(
+    private_postgres: Postgres, replicas: Replicas
+) -> None:
+    """A client that said hello in time is not told "no hello in time" (1008, policy) when
+    PostgreSQL hangs: it gets 1011 (retry) naming the database."""
+    url = await fresh_database(private_postgres)
+    (a,) = replicas(url, 1, "--hello-timeout", "3")
+    await until_healthz(a, 200)
+    async with connect(a.url) as ws:
+        await asyncio.to_thread(private_postgres.pause)
+        try:
+            await ws.send('{"type": "hello", "nick": "newcomer"}')
+            async with asyncio.timeout(15):
+                await ws.wait_closed()
+        finally:
+            await asyncio.to_thread(private_postgres.unpause)
+    assert ws.close_code == 1011, (ws.close_code, ws.close_reason)
+    assert "database" in (ws.close_reason or "")
+
+
 async def test_catch_up_waits_for_the_stream_and_shows_a_message_once(
     pg_url: str, replicas: Replicas
 ) -> None:
