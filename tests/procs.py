@@ -15,6 +15,12 @@ from pathlib import Path
 LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
 
 
+def line_client_command(url: str, nick: str, state: Path, *extra: str) -> list[str]:
+    """The command line of a line-mode ``chat-client`` with its own state directory."""
+    command = [sys.executable, "-m", "chat_client", "--url", url, "--nick", nick]
+    return [*command, "--state-dir", str(state), "--mode", "line", *extra]
+
+
 class ServerProcess:
     def __init__(
         self,

@@ -19,6 +19,7 @@ from websockets.http11 import Request, Response
 from chat_client.settings import Settings
 from chat_protocol.limits import EPOCH_HEADER
 from tests.helpers import peer
+from tests.procs import line_client_command
 from tests.terminal import Terminal, paste
 from tests.test_client_screen import client, server
 
@@ -107,8 +108,7 @@ async def test_emoji_sequences_wrap_and_collapse_where_the_terminal_draws_them(
 def line_client(
     url: str, state: Path, nick: str = "alice", *args: str
 ) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "chat_client", "--url", url, "--nick", nick]
-    command += ["--state-dir", str(state), "--mode", "line", *args]
+    command = line_client_command(url, nick, state, *args)
     return subprocess.run(command, input="hi\n", capture_output=True, text=True, timeout=30)
 
 

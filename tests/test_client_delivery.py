@@ -12,22 +12,16 @@ import asyncio
 import re
 import sqlite3
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 from tests.helpers import peer
-from tests.procs import ServerProcess
+from tests.procs import ServerProcess, line_client_command
 from tests.stack import free_port
 from tests.terminal import CTRL_C, Terminal, paste
 
 EXIT_UNDELIVERED, EXIT_NICK, EXIT_STATE = 3, 4, 5
-
-
-def chat_client(url: str, nick: str, state: Path, *extra: str) -> list[str]:
-    command = [sys.executable, "-m", "chat_client", "--url", url, "--nick", nick]
-    return [*command, "--state-dir", str(state), "--mode", "line", *extra]
 
 
 def stored(db: Path, sender: str) -> list[str]:
@@ -54,7 +48,7 @@ async def test_line_mode_fails_fast_with_status_4_when_the_nick_is_someone_elses
         async with peer(proc.url, "ci-bot"):
             pass  # ci-bot is registered, and this client holds no secret for it
         done, took = await asyncio.to_thread(
-            run, chat_client(proc.url, "ci-bot", tmp_path), "deploy finished\n"
+            run, line_client_command(proc.url, "ci-bot", tmp_path), "deploy finished\n"
         )
         assert done.returncode == EXIT_NICK, done.stderr
         assert took < 10, f"took {took:.1f}s"
@@ -69,7 +63,7 @@ async def test_line_mode_gives_up_with_status_3_when_the_server_is_unreachable(
 ) -> None:
     url = f"ws://127.0.0.1:{free_port()}"
     done, took = await asyncio.to_thread(
-        run, chat_client(url, "lonely", tmp_path, "--wait", "2"), "anybody there?\n"
+        run, line_client_command(url, "lonely", tmp_path, "--wait", "2"), "anybody there?\n"
     )
     assert done.returncode == EXIT_UNDELIVERED, done.stderr
     assert took < 10, f"took {took:.1f}s"
@@ -85,7 +79,7 @@ async def test_over_limit_and_invalid_lines_are_refused_here_and_the_rest_delive
         lines = b"first\n" + b"x" * 4001 + b"\n" + b"bad \xff byte\n" + b"last\n"
         done = await asyncio.to_thread(
             subprocess.run,
-            chat_client(proc.url, "bot", tmp_path),
+            line_client_command(proc.url, "bot", tmp_path),
             input=lines,
             capture_output=True,
             timeout=30,
@@ -105,7 +99,7 @@ async def test_resends_after_an_outage_are_paced_and_none_is_lost(db: Path, tmp_
     # resent at once, would trip it (the client before this fix lost them and exited 0).
     proc = ServerProcess(db, "--rate", "5", "--burst", "5").start()
     client = subprocess.Popen(
-        chat_client(proc.url, "paced", tmp_path, "--wait", "60"),
+        line_client_command(proc.url, "paced", tmp_path, "--wait", "60"),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -149,7 +143,7 @@ async def test_rate_limited_sends_are_retried_after_retry_after(db: Path, tmp_pa
     """ROUND 2: per-address limits; ``rate_limited`` names the ``cid`` and ``retry_after``."""
     proc = ServerProcess(db, "--address-rate", "5", "--address-burst", "5").start()
     client = subprocess.Popen(
-        chat_client(proc.url, "patient", tmp_path, "--trace", "--wait", "60"),
+        line_client_command(proc.url, "patient", tmp_path, "--trace", "--wait", "60"),
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -13,19 +13,13 @@ import asyncio
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 from tests.helpers import peer
-from tests.procs import ServerProcess
+from tests.procs import ServerProcess, line_client_command
 from tests.terminal import Terminal
 
 EXIT_NICK, EXIT_STATE = 4, 5
-
-
-def line_client(url: str, nick: str, state: Path, *extra: str) -> list[str]:
-    command = [sys.executable, "-m", "chat_client", "--url", url, "--nick", nick]
-    return [*command, "--state-dir", str(state), "--mode", "line", *extra]
 
 
 def traced(stderr: str, direction: str, kind: str) -> dict[str, object]:
@@ -45,7 +39,7 @@ async def test_the_client_proposes_a_secret_stored_before_the_hello(
     try:
         done = await asyncio.to_thread(
             subprocess.run,
-            line_client(proc.url, "newbie", tmp_path, "--trace"),
+            line_client_command(proc.url, "newbie", tmp_path, "--trace"),
             input="hello\n",
             capture_output=True,
             text=True,
@@ -73,7 +67,7 @@ async def test_a_secret_that_cannot_be_stored_claims_nothing(db: Path, tmp_path:
     try:
         done = await asyncio.to_thread(
             subprocess.run,
-            line_client(proc.url, "orphan", blocker / "state"),
+            line_client_command(proc.url, "orphan", blocker / "state"),
             input="hello\n",
             capture_output=True,
             text=True,
@@ -149,7 +143,7 @@ async def test_line_mode_takes_over_a_live_nick_only_when_told_to(db: Path, tmp_
     try:
         first = await asyncio.to_thread(
             subprocess.run,
-            line_client(proc.url, "bot", tmp_path),
+            line_client_command(proc.url, "bot", tmp_path),
             input="register me\n",
             capture_output=True,
             text=True,
@@ -160,7 +154,7 @@ async def test_line_mode_takes_over_a_live_nick_only_when_told_to(db: Path, tmp_
         async with peer(proc.url, "bot", secret=secret) as live:
             refused = await asyncio.to_thread(
                 subprocess.run,
-                line_client(proc.url, "bot", tmp_path),
+                line_client_command(proc.url, "bot", tmp_path),
                 input="do not kick\n",
                 capture_output=True,
                 text=True,
@@ -171,7 +165,7 @@ async def test_line_mode_takes_over_a_live_nick_only_when_told_to(db: Path, tmp_
             assert [f for f in await live.quiet(0.5) if f["type"] == "msg"] == []
             taken = await asyncio.to_thread(
                 subprocess.run,
-                line_client(proc.url, "bot", tmp_path, "--takeover"),
+                line_client_command(proc.url, "bot", tmp_path, "--takeover"),
                 input="took over\n",
                 capture_output=True,
                 text=True,
@@ -188,7 +182,7 @@ async def test_the_first_hello_asks_and_automatic_reconnects_take_the_nick_back(
 ) -> None:
     proc = ServerProcess(db).start()
     client = subprocess.Popen(
-        line_client(proc.url, "steady", tmp_path, "--trace", "--ping-interval", "1"),
+        line_client_command(proc.url, "steady", tmp_path, "--trace", "--ping-interval", "1"),
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
