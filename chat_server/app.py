@@ -40,6 +40,7 @@ from chat_server.forwarded import TrustedProxies
 from chat_server.messages import Committed, Draft, EncodedFrames
 from chat_server.presence import Presence
 from chat_server.ratelimit import Limit, Quotas, Rule
+from chat_server.recent import RecentRooms
 from chat_server.session import Context, Session, Slot
 from chat_server.shared_limits import SharedQuotas
 
@@ -90,6 +91,8 @@ class ChatServer:
             cluster=self.cluster,
             encoded=encoded,
         )
+        if self.cluster is None:
+            self.ctx.recent = RecentRooms(store, self.ctx.catchups, watermark=store.last_id)
         #: Behind a reverse proxy: the client's address, from X-Forwarded-For.
         self.proxies = TrustedProxies(config.trusted_proxies)
         self.server = WebSocketServer(
@@ -221,8 +224,11 @@ class ChatServer:
         # In a cluster every replica delivers messages from the ordered stream
         # (chat_server.cluster), its own commits included; here only the answers.
         if self.cluster is None:
+            fresh_messages = [r.message for r in results if r.fresh]
+            if self.ctx.recent is not None:
+                self.ctx.recent.committed(fresh_messages)
             deliveries, delivered = hub.deliveries(
-                [r.message for r in results if r.fresh],
+                fresh_messages,
                 self.ctx.presence.before_messages,
                 self.ctx.encoded,
             )

@@ -33,6 +33,7 @@ import math
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from heapq import merge
 from typing import TYPE_CHECKING, Any
 
 from chat_protocol import PROTOCOL_VERSION, CloseCode, ErrorCode, ProtocolError, decode, encode
@@ -61,6 +62,7 @@ from chat_server.fanout import Hold, Hub, Member
 from chat_server.messages import Draft, EncodedFrames, Scope, StoredMessage
 from chat_server.presence import Presence
 from chat_server.ratelimit import Limit, Quotas, TokenBucket
+from chat_server.recent import RecentRooms
 from chat_server.throttle import LogThrottle
 
 if TYPE_CHECKING:
@@ -97,6 +99,9 @@ class Context:
     catchups: asyncio.Semaphore = field(init=False)
     #: Recent messages' ``msg`` frames, encoded once for every client that needs them.
     encoded: EncodedFrames = field(default_factory=EncodedFrames)
+    #: Each room's newest messages, for replays without SQL (one server only: None in a
+    #: cluster).
+    recent: RecentRooms | None = None
     #: What clients can make the server log over and over (kicks, failing requests) is
     #: logged once per kind per interval: an attack must not flood the log.
     throttle: LogThrottle = field(init=False)
@@ -575,6 +580,11 @@ class Session:
 
     async def _replay(self, after: int, rooms: Sequence[str]) -> Covered:
         """Everything after ``after``: the newest that fit the budgets, oldest first."""
+        recent = self.ctx.recent
+        if recent is not None:
+            covered = await self._replay_recent(recent, after, rooms)
+            if covered is not None:
+                return covered
         config, encoded = self.ctx.config, self.ctx.encoded
         scope = Scope(rooms=tuple(rooms), key=self.nick_key, direct=True, since=self.since)
         count = size = 0
@@ -611,6 +621,49 @@ class Session:
             ):
                 await self._paced([encoded(message) for message in page])
         high = max(after, newest)
+        return lambda message: message.id <= high
+
+    async def _replay_recent(
+        self, recent: RecentRooms, after: int, rooms: Sequence[str]
+    ) -> Covered | None:
+        """:meth:`_replay` from the rooms' tails in memory and the direct messages from the
+        store; None (nothing sent) when the tails do not hold the replay or the direct
+        messages are many: the caller then reads it all from the store."""
+        config, encoded = self.ctx.config, self.ctx.encoded
+        cap = config.resume_cap
+        await recent.load(rooms, after, cap)
+        # One point in the commit order for both parts: everything up to ``bound`` is
+        # replayed (or reported by a gap), everything after it comes through the hold.
+        bound = recent.watermark
+        direct: list[StoredMessage] = []
+        size = 0
+        scope = Scope(key=self.nick_key, direct=True, since=self.since)
+        async with aclosing(self._pages(scope, after=after, before=bound + 1, page=16)) as pages:
+            async for page in pages:
+                direct.extend(page)
+                size += sum(len(encoded(message)) for message in page)
+                if size > REPLAY_KEEP_BYTES:
+                    return None
+        shared = recent.read(rooms, after, bound, cap)
+        if shared is None:
+            return None
+        messages = list(merge(shared, direct[::-1], key=_message_id)) if direct else shared
+        # Newest first: how far back the budgets reach.
+        count = size = 0
+        start = len(messages)
+        while start and count < cap:
+            data = encoded(messages[start - 1])
+            if count and size + len(data) > config.resume_bytes:
+                break
+            count, size, start = count + 1, size + len(data), start - 1
+        if start:
+            metrics.RESUME_GAPS.inc()
+            gap = {"type": "gap", "after": after, "before": messages[start].id}
+            self.link.write([encode(gap)])
+        part = PACE_BYTES // 256  # messages encoded per part, a few parts per write
+        for low in range(start, len(messages), part):
+            await self._paced([encoded(message) for message in messages[low : low + part]])
+        high = max(after, bound)
         return lambda message: message.id <= high
 
     async def _recent(self, rooms: Sequence[str], limit: int) -> Covered:
@@ -911,6 +964,10 @@ def _after(wait: float) -> str:
 
 def _nothing(message: StoredMessage) -> bool:
     return False
+
+
+def _message_id(message: StoredMessage) -> int:
+    return message.id
 
 
 def _with_ref(frame: Frame, ref: str | None) -> Frame:
