@@ -36,6 +36,7 @@ import errno
 import http
 import logging
 import resource
+import struct
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol, cast
@@ -139,6 +140,30 @@ Opener = Callable[["Connection", Request], Handler]
 #: or returns ``None`` to go on with the handshake; may be a coroutine function. It may
 #: set :attr:`Connection.ip` (the client behind a trusted proxy) before returning None.
 Responder = Callable[["Connection", Request], Response | Awaitable[Response | None] | None]
+
+
+_HEAD_SHORT = [bytes((0x81, n)) for n in range(126)]
+_HEAD_16 = struct.Struct("!BBH").pack
+_HEAD_64 = struct.Struct("!BBQ").pack
+
+
+def text_frames(frames: Sequence[bytes]) -> bytes:
+    """Unmasked, unfragmented text frames of these payloads, as websockets would frame
+    them without extensions: a header and the payload each (RFC 6455, 5.2). Built here
+    because a server's frame is the same bytes for every client, and websockets'
+    general path (a ``Frame`` object, its checks, ``serialize``) was the largest part of
+    writing a replay in a reconnect storm."""
+    parts: list[bytes] = []
+    for data in frames:
+        size = len(data)
+        if size < 126:
+            parts.append(_HEAD_SHORT[size])
+        elif size < 65536:
+            parts.append(_HEAD_16(0x81, 126, size))
+        else:
+            parts.append(_HEAD_64(0x81, 127, size))
+        parts.append(data)
+    return b"".join(parts)
 
 
 class _Partial:
@@ -265,9 +290,15 @@ class Connection(asyncio.Protocol):
         protocol = self.protocol
         if protocol.state is not OPEN or self._gone or not frames:
             return
-        for data in frames:
-            protocol.send_text(data)
-        self._flush()
+        if protocol.extensions:  # never negotiated by this server; kept correct anyway
+            for data in frames:
+                protocol.send_text(data)
+            self._flush()
+            return
+        self._flush()  # whatever the protocol has queued (a pong) goes first
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(text_frames(frames))
 
     async def drain(self) -> None:
         """Wait while the socket's send buffer is over its high-water mark.
