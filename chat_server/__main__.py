@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import signal
 import sqlite3
@@ -50,6 +51,25 @@ def give_back_freed_memory() -> None:
     mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
+#: Allocations (minus frees) between two collections of the youngest generation.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Collect cycles less often, and never scan what was there at start.
+
+    The server makes few reference cycles (a reconnect storm of 2,000 clients left 741
+    for the collector) but allocates fast, and every young collection scans all young
+    objects: at Python's default (every 700 allocations) collections took 0.29 s of the
+    server's core in a 3.3-s storm. Every 20,000 they took 0.10 s; each pause stays
+    about a millisecond. ``gc.freeze()`` moves the objects of start-up (modules,
+    classes, the configuration) out of the collector's sight for good.
+    """
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
     logging.basicConfig(
@@ -68,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         runner = asyncio.run
     else:
         runner = uvloop.run
+    tune_gc()
     try:
         runner(serve(config))
     except (OSError, ValueError, sqlite3.Error, StoreUnavailable) as exc:
