@@ -520,16 +520,17 @@ class Session:
         for room in previous:
             if room not in hello.rooms:
                 presence.left(room, self.nick)
-        self.link.write(frames)
         log.info("%s (%s) joined %s", self.nick, self.link.remote, ", ".join(hello.rooms))
+        # ``frames`` go out with the catch-up's first write, and ``synced`` with the held
+        # live frames: a resume of a few dozen messages is two socket writes, not five.
         covered: Covered = _nothing
         try:
             if hello.resume is not None:
-                covered = await self._replay(hello.resume, hello.rooms)
+                covered = await self._replay(hello.resume, hello.rooms, frames)
             else:
-                covered = await self._recent(hello.rooms, hello.history)
+                covered = await self._recent(hello.rooms, hello.history, frames)
             await self._caught_up()
-            self.link.write([_SYNCED])
+            frames.append(_SYNCED)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -538,7 +539,7 @@ class Session:
             self.kick(CloseCode.INTERNAL, "the catch-up failed; reconnect with resume")
             raise _CatchupFailed from exc
         finally:
-            self._release(covered)
+            self._release(covered, frames)
 
     async def _go_online(self, nick: str, rooms: Sequence[str], takeover: bool) -> list[str]:
         """In a cluster: become the nick's one live session on every replica (else no-op).
@@ -578,11 +579,14 @@ class Session:
             joined["ref"] = ref
         return encode(joined)
 
-    async def _replay(self, after: int, rooms: Sequence[str]) -> Covered:
-        """Everything after ``after``: the newest that fit the budgets, oldest first."""
+    async def _replay(self, after: int, rooms: Sequence[str], head: list[bytes]) -> Covered:
+        """Everything after ``after``: the newest that fit the budgets, oldest first.
+
+        ``head``: frames to send before anything else, emptied once they are written (as
+        in every catch-up below)."""
         recent = self.ctx.recent
         if recent is not None:
-            covered = await self._replay_recent(recent, after, rooms)
+            covered = await self._replay_recent(recent, after, rooms, head)
             if covered is not None:
                 return covered
         config, encoded = self.ctx.config, self.ctx.encoded
@@ -611,20 +615,20 @@ class Session:
                     break
         if truncated:
             metrics.RESUME_GAPS.inc()
-            self.link.write([encode({"type": "gap", "after": after, "before": oldest})])
+            head.append(encode({"type": "gap", "after": after, "before": oldest}))
         if kept is not None:
-            await self._paced(kept[::-1])
+            await self._paced(kept[::-1], head)
         elif count:
             # Second pass, oldest first, a page at a time: never the whole replay in memory.
             async for page in self._pages(
                 scope, after=oldest - 1, before=newest + 1, oldest_first=True, page=16
             ):
-                await self._paced([encoded(message) for message in page])
+                await self._paced([encoded(message) for message in page], head)
         high = max(after, newest)
         return lambda message: message.id <= high
 
     async def _replay_recent(
-        self, recent: RecentRooms, after: int, rooms: Sequence[str]
+        self, recent: RecentRooms, after: int, rooms: Sequence[str], head: list[bytes]
     ) -> Covered | None:
         """:meth:`_replay` from the rooms' tails in memory and the direct messages from the
         store; None (nothing sent) when the tails do not hold the replay or the direct
@@ -659,14 +663,14 @@ class Session:
         if start:
             metrics.RESUME_GAPS.inc()
             gap = {"type": "gap", "after": after, "before": messages[start].id}
-            self.link.write([encode(gap)])
+            head.append(encode(gap))
         part = PACE_BYTES // 256  # messages encoded per part, a few parts per write
         for low in range(start, len(messages), part):
-            await self._paced([encoded(message) for message in messages[low : low + part]])
+            await self._paced([encoded(message) for message in messages[low : low + part]], head)
         high = max(after, bound)
         return lambda message: message.id <= high
 
-    async def _recent(self, rooms: Sequence[str], limit: int) -> Covered:
+    async def _recent(self, rooms: Sequence[str], limit: int, first: list[bytes]) -> Covered:
         config = self.ctx.config
         share = min(config.history_bytes, config.catchup_bytes // (len(rooms) + 1))
         newest: dict[str, int] = {}
@@ -675,11 +679,11 @@ class Session:
             frame, newest[room] = await self._history(
                 head, Scope(rooms=(room,)), None, limit, share
             )
-            await self._paced([frame])
+            await self._paced([frame], first)
         scope = Scope(key=self.nick_key, direct=True, since=self.since)
         head = {"type": "history", "direct": True}
         frame, newest_dm = await self._history(head, scope, None, limit, share)
-        await self._paced([frame])
+        await self._paced([frame], first)
 
         def covered(message: StoredMessage) -> bool:
             if message.room is None:
@@ -742,12 +746,15 @@ class Session:
         finally:
             await pages.aclose()
 
-    async def _paced(self, frames: list[bytes]) -> None:
+    async def _paced(self, frames: list[bytes], head: list[bytes] | None = None) -> None:
         """Write catch-up frames as fast as the client reads them, and no faster: in parts
         of about ``PACE_BYTES`` (one socket write each), waiting while the socket's buffer
-        is full between them."""
+        is full between them. ``head`` (emptied) goes first, in the same write."""
         part: list[bytes] = []
         size = 0
+        if head:
+            part, size = head[:], sum(map(len, head))
+            head.clear()
         for data in frames:
             part.append(data)
             size += len(data)
@@ -759,10 +766,12 @@ class Session:
             self.link.write(part)
             await self.link.drain()
 
-    def _release(self, covered: Covered) -> None:
-        """End a hold: write what live traffic came in, minus what the catch-up sent."""
+    def _release(self, covered: Covered, first: Sequence[bytes] = ()) -> None:
+        """End a hold: write ``first``, then what live traffic came in, minus what the
+        catch-up sent, in one write."""
         held, self.hold = self.hold.frames if self.hold else [], None
-        data = [frame for frame, message in held if message is None or not covered(message)]
+        data = [*first]
+        data.extend(frame for frame, message in held if message is None or not covered(message))
         if data and not self.gone:
             self.link.write(data)
             self.ctx.hub.check(self)
