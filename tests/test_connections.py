@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request, Response
 
-from chat_server.connections import Connection, Message, WebSocketServer
+from chat_server.connections import Connection, Message, WebSocketServer, text_frames
 
 
 class App:
@@ -660,3 +660,12 @@ async def test_shutdown_closes_open_aborts_the_rest_and_waits_for_work() -> None
         partial.close()
         for ws in (idle, busy, silent):
             ws.transport.abort()
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_text_frames_are_what_websockets_would_send(size: int) -> None:
+    data = ("é" * size).encode()[:size]
+    one = Frame(Opcode.TEXT, data).serialize(mask=False, extensions=[])
+    other = Frame(Opcode.TEXT, b"x").serialize(mask=False, extensions=[])
+    assert text_frames([data]) == one
+    assert text_frames([data, b"x"]) == one + other
