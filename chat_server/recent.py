@@ -22,8 +22,9 @@ notifications, so "everything up to the watermark" would need more care: there t
 server does not use this cache and replays from the store as before.
 
 **Bounded.** At most ``per_room`` messages per room, and all tails together at most
-``budget`` bytes (estimated per message from its text); past the budget the least
-recently resumed rooms are forgotten. Only room messages are kept: direct messages are
+``budget`` bytes (estimated per message from its text, plus a little per room, so that
+the number of rooms is bounded too); past the budget the least recently resumed rooms
+are forgotten. Only room messages are kept: direct messages are
 always read from the store, for their owner only.
 """
 
@@ -44,6 +45,8 @@ PER_ROOM = 256
 BUDGET = 16 * 2**20
 #: The estimated size of a kept message besides its body: the object, its other strings.
 OVERHEAD = 400
+#: The estimated size of a room's tail itself, so that empty tails count too.
+TAIL_OVERHEAD = 300
 
 
 def size_of(message: StoredMessage) -> int:
@@ -61,7 +64,7 @@ class Tail:
         self.floor = floor
         self.messages: list[StoredMessage] = []
         self.ids: list[int] = []
-        self.size = 0
+        self.size = TAIL_OVERHEAD
         self.lock: asyncio.Lock | None = None
 
     def covers(self, after: int, cap: int) -> bool:
@@ -123,6 +126,7 @@ class RecentRooms:
             if tail is None:
                 # Nothing is known below the watermark yet; everything above will come.
                 tail = self._tails[room] = Tail(self.watermark)
+                self.size += tail.size
             self._tails.move_to_end(room)
             if tail.covers(after, cap):
                 continue

@@ -536,6 +536,8 @@ class Session:
         except Exception as exc:
             if not isinstance(exc, StoreUnavailable | _CatchupFailed):
                 log.exception("the catch-up of %s failed", self.nick)
+            if frames and not self.gone:  # welcome was not sent yet: it goes before the close
+                self.link.write(frames)
             self.kick(CloseCode.INTERNAL, "the catch-up failed; reconnect with resume")
             raise _CatchupFailed from exc
         finally:

@@ -13,7 +13,7 @@ import pytest
 
 from chat_server.backends.sqlite import Store
 from chat_server.messages import Committed, Draft, Scope, StoredMessage
-from chat_server.recent import RecentRooms, size_of
+from chat_server.recent import TAIL_OVERHEAD, RecentRooms, size_of
 from tests.helpers import NO_LIMITS, peer, server
 from tests.stores import db_on_both_stores  # noqa: F401 (db: SQLite and PostgreSQL)
 
@@ -153,7 +153,7 @@ async def test_over_the_budget_the_least_recently_resumed_room_goes(tmp_path: Pa
         for room in ROOMS:
             await fed.send(room, "x" * 100)
         one = size_of(StoredMessage(0, 0, "a", "s", "s", None, None, False, "x" * 100, "c"))
-        recent = make_recent(fed, budget=2 * one)
+        recent = make_recent(fed, budget=2 * (one + TAIL_OVERHEAD))
         await recent.load(["a"], 0, cap=1000)
         await recent.load(["b"], 0, cap=1000)
         await recent.load(["a"], 0, cap=1000)  # a was resumed last: b goes when c comes
@@ -162,6 +162,14 @@ async def test_over_the_budget_the_least_recently_resumed_room_goes(tmp_path: Pa
         assert recent.read(["b"], 0, recent.watermark, cap=1000) is None
         assert recent.read(["a"], 0, recent.watermark, cap=1000) is not None
         assert recent.read(["c"], 0, recent.watermark, cap=1000) is not None
+
+
+async def test_empty_tails_count_against_the_budget(tmp_path: Path) -> None:
+    async with feed(tmp_path) as fed:
+        recent = make_recent(fed, budget=3 * TAIL_OVERHEAD)
+        for n in range(10):  # rooms without messages: resumed into, never written to
+            await recent.load([f"quiet{n}"], 0, cap=1000)
+        assert len(recent) == 3 and recent.size == 3 * TAIL_OVERHEAD
 
 
 class SlowStore:
