@@ -38,12 +38,18 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON (RFC 8259 has no NaN or Infinity)")
 
 
+# One decoder for every frame: ``json.loads`` with an argument builds a new one per call.
+_decoder = json.JSONDecoder(parse_constant=_not_json)
+
+
 def decode(data: str | bytes) -> Frame:
     """Parse one frame into a dict that has a string ``type``."""
     if isinstance(data, bytes):
         raise ProtocolError(ErrorCode.BINARY_FRAME, "binary frames are not supported; send text")
     try:
-        frame = json.loads(data, parse_constant=_not_json)
+        if data.startswith("\ufeff"):  # what json.loads refuses before decoding
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", data, 0)
+        frame = _decoder.decode(data)
     except ValueError as exc:
         raise ProtocolError(ErrorCode.BAD_JSON, f"not valid JSON: {exc}") from None
     except RecursionError:  # about a thousand nested arrays or objects
@@ -55,13 +61,18 @@ def decode(data: str | bytes) -> Frame:
     return frame
 
 
+_WHITE_SPACE_CHARS = "".join(sorted(WHITE_SPACE))
+
+
 def is_body_blank(body: str) -> bool:
     """True when every character is Unicode White_Space (an empty body counts)."""
-    return all(char in WHITE_SPACE for char in body)
+    return not body.strip(_WHITE_SPACE_CHARS)
 
 
 def encodable(text: str) -> bool:
     """False for a string holding a lone surrogate (valid JSON, not valid UTF-8)."""
+    if text.isascii():
+        return True
     try:
         text.encode()
     except UnicodeEncodeError:
