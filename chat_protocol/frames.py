@@ -39,7 +39,31 @@ def _not_json(constant: str) -> Any:
 
 
 # One decoder for every frame: ``json.loads`` with an argument builds a new one per call.
-_decoder = json.JSONDecoder(parse_constant=_not_json)
+class _Decoder(json.JSONDecoder):
+    #: Set by JSONDecoder itself (the C scanner); declared here for the type checker.
+    scan_once: Callable[[str, int], tuple[Any, int]]
+
+
+_decoder = _Decoder(parse_constant=_not_json)
+_scan = _decoder.scan_once
+
+
+def _loads(data: str) -> Any:
+    """``json.loads(data, parse_constant=_not_json)``.
+
+    A frame is one JSON object with nothing around it, which the C scanner reads in one
+    call; anything else (white space around it, a BOM, an error) goes through the whole
+    of ``json.loads``, so every refusal says what ``json.loads`` says.
+    """
+    try:
+        value, end = _scan(data, 0)
+    except (StopIteration, ValueError):
+        value, end = None, -1
+    if end == len(data):
+        return value
+    if data.startswith("\ufeff"):  # what json.loads refuses before decoding
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", data, 0)
+    return _decoder.decode(data)
 
 
 def decode(data: str | bytes) -> Frame:
@@ -47,9 +71,7 @@ def decode(data: str | bytes) -> Frame:
     if isinstance(data, bytes):
         raise ProtocolError(ErrorCode.BINARY_FRAME, "binary frames are not supported; send text")
     try:
-        if data.startswith("\ufeff"):  # what json.loads refuses before decoding
-            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", data, 0)
-        frame = _decoder.decode(data)
+        frame = _loads(data)
     except ValueError as exc:
         raise ProtocolError(ErrorCode.BAD_JSON, f"not valid JSON: {exc}") from None
     except RecursionError:  # about a thousand nested arrays or objects
