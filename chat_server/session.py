@@ -58,7 +58,7 @@ from chat_server.backends.base import ChatStore, ClaimStatus, NickClaim, StoreUn
 from chat_server.config import ServerConfig
 from chat_server.connections import Link
 from chat_server.encoding import ack_frame
-from chat_server.fanout import Hold, Hub, Member
+from chat_server.fanout import Delivered, Hold, Hub, Member
 from chat_server.messages import Draft, EncodedFrames, Scope, StoredMessage
 from chat_server.presence import Presence
 from chat_server.ratelimit import Limit, Quotas, TokenBucket
@@ -98,6 +98,9 @@ class Context:
     catchups: asyncio.Semaphore = field(init=False)
     #: Recent messages' ``msg`` frames, encoded once for every client that needs them.
     encoded: EncodedFrames = field(default_factory=EncodedFrames)
+    #: How far this server's fan-out has delivered (a single server; a cluster has its
+    #: own, ``Cluster.caught_up``).
+    delivered: Delivered = field(default_factory=Delivered)
     #: What clients can make the server log over and over (kicks, failing requests) is
     #: logged once per kind per interval: an attack must not flood the log.
     throttle: LogThrottle = field(init=False)
@@ -518,10 +521,10 @@ class Session:
         covered: Covered = _nothing
         try:
             if hello.resume is not None:
-                covered = await self._replay(hello.resume, hello.rooms)
+                covered, newest = await self._replay(hello.resume, hello.rooms)
             else:
-                covered = await self._recent(hello.rooms, hello.history)
-            await self._caught_up()
+                covered, newest = await self._recent(hello.rooms, hello.history)
+            await self._caught_up(newest)
             self.link.write([_SYNCED])
         except asyncio.CancelledError:
             raise
@@ -551,14 +554,19 @@ class Session:
             )
         return taken
 
-    async def _caught_up(self) -> None:
-        """In a cluster: before a hold ends, let the live stream pass what was just read.
+    async def _caught_up(self, newest: int) -> None:
+        """Before a hold ends, let the fan-out pass what the catch-up read (``newest``, the
+        highest id it sent; ``chat_server.fanout.Delivered`` says why).
 
         When that cannot be known the connection is closed (the client resumes) rather
         than risk showing a message twice.
         """
         cluster = self.ctx.cluster
-        if cluster is not None and not await cluster.caught_up():
+        if cluster is not None:
+            caught_up = await cluster.caught_up()
+        else:
+            caught_up = await self.ctx.delivered.reached(newest)
+        if not caught_up:
             self.kick(CloseCode.INTERNAL, "the live stream is unavailable; reconnect with resume")
             raise _CatchupFailed
 
@@ -571,8 +579,9 @@ class Session:
             joined["ref"] = ref
         return encode(joined)
 
-    async def _replay(self, after: int, rooms: Sequence[str]) -> Covered:
-        """Everything after ``after``: the newest that fit the budgets, oldest first."""
+    async def _replay(self, after: int, rooms: Sequence[str]) -> tuple[Covered, int]:
+        """Everything after ``after``: the newest that fit the budgets, oldest first;
+        and the newest id sent (0 if none)."""
         config, encoded = self.ctx.config, self.ctx.encoded
         scope = Scope(rooms=tuple(rooms), key=self.nick_key, direct=True, since=self.since)
         count = size = 0
@@ -609,9 +618,11 @@ class Session:
             ):
                 await self._paced([encoded(message) for message in page])
         high = max(after, newest)
-        return lambda message: message.id <= high
+        return (lambda message: message.id <= high), newest
 
-    async def _recent(self, rooms: Sequence[str], limit: int) -> Covered:
+    async def _recent(self, rooms: Sequence[str], limit: int) -> tuple[Covered, int]:
+        """The newest ``limit`` messages of each room and of the nick's DMs; and the
+        newest id sent (0 if none)."""
         config = self.ctx.config
         share = min(config.history_bytes, config.catchup_bytes // (len(rooms) + 1))
         newest: dict[str, int] = {}
@@ -631,7 +642,7 @@ class Session:
                 return message.id <= newest_dm
             return message.id <= newest.get(message.room, 0)
 
-        return covered
+        return covered, max([newest_dm, *newest.values()])
 
     async def _history(
         self,
@@ -771,7 +782,7 @@ class Session:
             frame, newest = await self._history(head, scope, None, HISTORY_DEFAULT, budget)
             await self._paced([frame])
             covered = lambda m: m.room == join.room and m.id <= newest  # noqa: E731
-            await self._caught_up()
+            await self._caught_up(newest)
         finally:
             self._release(covered)
         return ()
