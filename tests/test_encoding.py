@@ -31,13 +31,13 @@ def messages(draw: st.DrawFn) -> StoredMessage:
     )
 
 
-@settings(max_examples=500)
+@settings(max_examples=200)
 @given(messages())
 def test_msg_frame_is_encode_of_the_frame(message: StoredMessage) -> None:
     assert msg_frame(message) == encode(message.frame())
 
 
-@settings(max_examples=300)
+@settings(max_examples=200)
 @given(messages(), st.none() | text)
 def test_ack_frame_is_encode_of_the_ack(message: StoredMessage, ref: str | None) -> None:
     ack = {"type": "ack", "cid": message.cid, "id": message.id, "ts": message.ts}
