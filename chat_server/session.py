@@ -57,6 +57,7 @@ from chat_server import metrics
 from chat_server.backends.base import ChatStore, ClaimStatus, NickClaim, StoreUnavailable
 from chat_server.config import ServerConfig
 from chat_server.connections import Link
+from chat_server.encoding import ack_frame
 from chat_server.fanout import Delivered, Hold, Hub, Member
 from chat_server.messages import Draft, EncodedFrames, Scope, StoredMessage
 from chat_server.presence import Presence
@@ -315,10 +316,7 @@ class Session:
 
     def acked(self, slot: Slot, message: StoredMessage) -> None:
         """The store committed this slot's message (the server sends :meth:`ready` after)."""
-        ack: Frame = {"type": "ack", "cid": message.cid, "id": message.id, "ts": message.ts}
-        if slot.ref is not None:
-            ack["ref"] = slot.ref
-        self.settle(slot, [encode(ack)])
+        self.settle(slot, [ack_frame(message, slot.ref)])
 
     def refused(self, slot: Slot, error: Exception) -> None:
         """The store could not commit this slot's message."""
