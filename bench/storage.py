@@ -13,7 +13,8 @@ commits batches of rows shaped like the server's for ``S`` seconds, in WAL mode 
   for comparison.
 
 It prints one JSON object. Columns come from the database (``PRAGMA table_info``), so a
-changed schema is followed without editing this file.
+changed schema is followed without editing this file. ``--drop-index`` drops some of the
+schema's indexes first, to see what each costs per row (``--ways`` picks the ways).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 BODY = "b|0|0|0|" + "x" * 192  # 200 characters, as the persistence workload sends
 
 
-def create(path: Path) -> None:
+def create(path: Path, drop: Sequence[str] = ()) -> None:
     from chat_server.backends.sqlite import Store
 
     async def make() -> None:
@@ -40,6 +41,12 @@ def create(path: Path) -> None:
         await store.close()
 
     asyncio.run(make())
+    if drop:
+        db = sqlite3.connect(path)
+        for index in drop:
+            db.execute(f'DROP INDEX "{index}"')
+        db.commit()
+        db.close()
 
 
 def columns(db: sqlite3.Connection) -> list[tuple[str, str, bool]]:
@@ -171,14 +178,22 @@ def run_aiosqlite(path: Path, batch: int, seconds: float, start: int) -> tuple[i
 WAYS = {"sqlite3": run_sqlite3, "aiosqlite": run_aiosqlite, "executemany": run_executemany}
 
 
-def measure(batches: Sequence[int], seconds: float, directory: str | None = None) -> dict[str, Any]:
+def measure(
+    batches: Sequence[int],
+    seconds: float,
+    directory: str | None = None,
+    *,
+    drop: Sequence[str] = (),
+    ways: Sequence[str] = tuple(WAYS),
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="chat-storage-", dir=directory) as tmp:
         path = Path(tmp) / "storage.db"
-        create(path)
+        create(path, drop)
         results = []
         n = 1
         for batch in batches:
-            for way, run in WAYS.items():
+            for way in ways:
+                run = WAYS[way]
                 rows, wall = run(path, batch, seconds, n)
                 n += rows
                 results.append(
@@ -190,7 +205,12 @@ def measure(batches: Sequence[int], seconds: float, directory: str | None = None
                         "ms_per_commit": round(wall / (rows / batch) * 1000, 3),
                     }
                 )
-        return {"synchronous": "FULL", "journal_mode": "WAL", "results": results}
+        return {
+            "synchronous": "FULL",
+            "journal_mode": "WAL",
+            "dropped_indexes": list(drop),
+            "results": results,
+        }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -198,9 +218,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="per batch size and way")
     parser.add_argument("--batches", default="1,64,512", help="comma-separated batch sizes")
     parser.add_argument("--dir", help="where to put the database (default: the temp dir)")
+    parser.add_argument("--drop-index", default="", help="comma-separated indexes to drop")
+    parser.add_argument(
+        "--ways", default=",".join(WAYS), help="comma-separated, of " + ", ".join(WAYS)
+    )
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
-    json.dump(measure(batches, args.seconds, args.dir), sys.stdout)
+    drop = [name for name in args.drop_index.split(",") if name]
+    ways = [way for way in args.ways.split(",") if way]
+    unknown = set(ways) - set(WAYS)
+    if unknown:
+        parser.error(f"unknown ways: {', '.join(sorted(unknown))}")
+    json.dump(measure(batches, args.seconds, args.dir, drop=drop, ways=ways), sys.stdout)
     sys.stdout.write("\n")
 
 

@@ -243,9 +243,11 @@ class ChatClient:
         return self.connection.synced
 
     async def _drain(self) -> None:
-        """Wait until every message is acknowledged (or refused), at most ``--wait`` s."""
+        """Wait until every message is acknowledged (or refused) and every ``/join``
+        answered, at most ``--wait`` s."""
         deadline = self._deadline()
-        while self.connection.outbox and not self.quit.is_set():
+        connection = self.connection
+        while (connection.outbox or connection.joining) and not self.quit.is_set():
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
@@ -256,6 +258,10 @@ class ChatClient:
         problems = [f"{reason}" for reason in self.connection.refused.values()]
         problems += ["refused before sending"] * self.controller.refused_lines
         problems += self.controller.refused_commands
+        problems += [
+            f"/join #{room} not answered within {self.config.wait:g}s"
+            for room in sorted(self.connection.joining)
+        ]
         waiting = len(self.connection.outbox)
         if waiting or unsent_line:
             count = f"{waiting or 'a'} message{'s' if waiting > 1 else ''}"

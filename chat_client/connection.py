@@ -253,6 +253,9 @@ class ChatConnection:
         #: Rooms given up because the server refused them (a ``join`` or the ``hello``),
         #: with the server's reason; the UI closes their windows and says why.
         self.dropped_rooms: dict[str, str] = {}
+        #: Rooms asked for with ``join`` on this connection and not yet answered (line
+        #: mode waits for them before it exits, to report a refusal).
+        self.joining: set[str] = set()
         self._out: dict[str, _Outgoing] = {}
         self._jobs: list[tuple[int, str, Frame | None]] = []  # (seq, cid or "", request)
         self._wake = asyncio.Event()
@@ -341,7 +344,17 @@ class ChatConnection:
                     "/leave one first"
                 )
             self.rooms.append(room)
-        self.request({"type": "join", "room": room, "ref": f"join:{room}"})
+        if self.request({"type": "join", "room": room, "ref": f"join:{room}"}):
+            self.joining.add(room)
+
+    def _join_again(self, room: str) -> None:
+        """A ``join`` the server rate-limited, asked again once allowed (offline, the
+        next ``hello`` asks for the room anyway)."""
+        if room not in self.joining:
+            return
+        frame: Frame = {"type": "join", "room": room, "ref": f"join:{room}"}
+        if room not in self.rooms or not self.request(frame):
+            self.joining.discard(room)
 
     def leave(self, room: str) -> None:
         if room in self.rooms:
@@ -450,6 +463,7 @@ class ChatConnection:
             finally:
                 self._ws = None
                 self.welcomed = self.synced = False
+                self.joining.clear()
                 self._jobs.clear()
                 for out in self._out.values():
                     out.inflight = False
@@ -610,8 +624,11 @@ class ChatConnection:
             self._welcome(frame)
         elif kind == "renamed":
             self._renamed(frame)
-        elif kind == "joined" and frame["room"] not in self.rooms:
-            self.rooms.append(str(frame["room"]))
+        elif kind == "joined":
+            room = str(frame["room"])
+            self.joining.discard(room)
+            if room not in self.rooms:
+                self.rooms.append(room)
         elif kind == "synced":
             self.synced = True
             self._status(LinkState.CONNECTED)
@@ -671,8 +688,12 @@ class ChatConnection:
         cid = frame.get("cid")
         retry_after = frame.get("retry_after")
         message = str(frame.get("message", code))
-        if isinstance(ref, str) and ref.startswith("join:") and code != "rate_limited":
+        if isinstance(ref, str) and ref.startswith("join:") and code == "rate_limited":
+            wait = retry_after if isinstance(retry_after, int | float) else 1.0
+            asyncio.get_running_loop().call_later(float(wait), self._join_again, ref[5:])
+        elif isinstance(ref, str) and ref.startswith("join:"):
             room = ref[5:]  # refused for good: we are not in it (nor in the next hello)
+            self.joining.discard(room)
             if room in self.rooms:
                 self.rooms.remove(room)
             self.dropped_rooms[room] = message

@@ -38,12 +38,40 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON (RFC 8259 has no NaN or Infinity)")
 
 
+# One decoder for every frame: ``json.loads`` with an argument builds a new one per call.
+class _Decoder(json.JSONDecoder):
+    #: Set by JSONDecoder itself (the C scanner); declared here for the type checker.
+    scan_once: Callable[[str, int], tuple[Any, int]]
+
+
+_decoder = _Decoder(parse_constant=_not_json)
+_scan = _decoder.scan_once
+
+
+def _loads(data: str) -> Any:
+    """``json.loads(data, parse_constant=_not_json)``.
+
+    A frame is one JSON object with nothing around it, which the C scanner reads in one
+    call; anything else (white space around it, a BOM, an error) goes through the whole
+    of ``json.loads``, so every refusal says what ``json.loads`` says.
+    """
+    try:
+        value, end = _scan(data, 0)
+    except (StopIteration, ValueError):
+        value, end = None, -1
+    if end == len(data):
+        return value
+    if data.startswith("\ufeff"):  # what json.loads refuses before decoding
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", data, 0)
+    return _decoder.decode(data)
+
+
 def decode(data: str | bytes) -> Frame:
     """Parse one frame into a dict that has a string ``type``."""
     if isinstance(data, bytes):
         raise ProtocolError(ErrorCode.BINARY_FRAME, "binary frames are not supported; send text")
     try:
-        frame = json.loads(data, parse_constant=_not_json)
+        frame = _loads(data)
     except ValueError as exc:
         raise ProtocolError(ErrorCode.BAD_JSON, f"not valid JSON: {exc}") from None
     except RecursionError:  # about a thousand nested arrays or objects
@@ -55,13 +83,18 @@ def decode(data: str | bytes) -> Frame:
     return frame
 
 
+_WHITE_SPACE_CHARS = "".join(sorted(WHITE_SPACE))
+
+
 def is_body_blank(body: str) -> bool:
     """True when every character is Unicode White_Space (an empty body counts)."""
-    return all(char in WHITE_SPACE for char in body)
+    return not body.strip(_WHITE_SPACE_CHARS)
 
 
 def encodable(text: str) -> bool:
     """False for a string holding a lone surrogate (valid JSON, not valid UTF-8)."""
+    if text.isascii():
+        return True
     try:
         text.encode()
     except UnicodeEncodeError:

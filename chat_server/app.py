@@ -93,6 +93,7 @@ class ChatServer:
         )
         if self.cluster is None:
             self.ctx.recent = RecentRooms(store, self.ctx.catchups, watermark=store.last_id)
+        self.ctx.delivered.advance(store.last_id)
         #: Behind a reverse proxy: the client's address, from X-Forwarded-For.
         self.proxies = TrustedProxies(config.trusted_proxies)
         self.server = WebSocketServer(
@@ -243,6 +244,8 @@ class ChatServer:
         for session in answered:
             deliveries.extend(([session], data, None) for data in session.ready())
         hub.publish_many(deliveries)
+        if self.cluster is None and results:
+            self.ctx.delivered.advance(max(r.message.id for r in results))
         metrics.MESSAGES.inc(fresh)
         metrics.ACKS.inc(acks)
         metrics.DELIVERIES.inc(delivered)

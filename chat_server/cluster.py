@@ -65,7 +65,7 @@ from chat_server.backends.postgres import (
     Subscription,
     parse_batch,
 )
-from chat_server.fanout import Hub, Member
+from chat_server.fanout import Delivered, Hub, Member
 from chat_server.messages import EncodedFrames, StoredMessage
 from chat_server.presence import Presence
 
@@ -258,7 +258,7 @@ class Cluster:
         self.healthy = False
         self._connected_at = 0.0
         self._subscription: Subscription | None = None
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._delivered = Delivered(timeout=catchup_timeout)
         self._keys: dict[Member, str] = {}  # local live session -> its session id
         self._members: dict[str, Member] = {}  # session id -> local live session
         self._stale: set[str] = set()  # session ids to remove from the online table
@@ -357,6 +357,7 @@ class Cluster:
         await self.store.register_replica(self.replica, self.host)
         if self.position is None:
             self.position = await self.store.max_id()
+            self._delivered.advance(self.position)
         else:
             while True:
                 page = await self.store.messages_after(self.position, GAP_PAGE)
@@ -400,15 +401,7 @@ class Cluster:
         metrics.DELIVERIES.inc(delivered)
         metrics.STREAM_POSITION.set(position)
         metrics.FANOUT_LAG.observe(max(0.0, time.time() - messages[-1].ts / 1000))
-        if self._waiters:
-            waiting = []
-            for target, future in self._waiters:
-                if target <= position:
-                    if not future.done():
-                        future.set_result(None)
-                else:
-                    waiting.append((target, future))
-            self._waiters = waiting
+        self._delivered.advance(position)
 
     async def caught_up(self) -> bool:
         """Wait until this replica has delivered every message committed so far.
@@ -422,15 +415,7 @@ class Cluster:
             target = await self.store.max_id()
         except StoreUnavailable:
             return False
-        if self.position is not None and self.position >= target:
-            return True
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((target, future))
-        try:
-            await asyncio.wait_for(future, self.catchup_timeout)
-        except TimeoutError:
-            return False
-        return True
+        return await self._delivered.reached(target)
 
     # --- presence --------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ is.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Sequence
@@ -72,6 +73,52 @@ class RemoteView(Protocol):
 
     def is_online(self, key: str) -> bool:
         """Whether the nick is live on another replica."""
+
+
+class Delivered:
+    """How far the fan-out has got: the newest message id delivered here, and a way to
+    wait until it passes an id.
+
+    A catch-up reads the database, which can show a commit before the fan-out has
+    delivered it: SQLite's writer thread commits and only then does the event loop hear
+    of it; a cluster replica hears of it on its notification stream later still. So a
+    session keeps holding live frames until the fan-out has passed every id its catch-up
+    read; what it releases then can only be newer, and nothing is shown twice.
+    """
+
+    __slots__ = ("_waiters", "position", "timeout")
+
+    def __init__(self, position: int = 0, timeout: float = 10.0) -> None:
+        self.position = position
+        self.timeout = timeout
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    def advance(self, position: int) -> None:
+        if position <= self.position:
+            return
+        self.position = position
+        if self._waiters:
+            waiting = []
+            for target, future in self._waiters:
+                if target <= position:
+                    if not future.done():
+                        future.set_result(None)
+                elif not future.done():
+                    waiting.append((target, future))
+            self._waiters = waiting
+
+    async def reached(self, target: int) -> bool:
+        """Wait until every id up to ``target`` has been delivered; False after
+        ``timeout`` seconds (a batch whose fan-out failed never arrives)."""
+        if self.position >= target:
+            return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, future))
+        try:
+            await asyncio.wait_for(future, self.timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 class Hub:

@@ -5,8 +5,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from chat_protocol import encode
 from chat_protocol.frames import Frame
+from chat_server.encoding import msg_frame
 
 
 def channel_of(room: str | None, sender_key: str, recipient_key: str | None) -> str:
@@ -122,7 +122,7 @@ class EncodedFrames:
     def __call__(self, message: StoredMessage) -> bytes:
         data = self._frames.get(message.id)
         if data is None:
-            data = encode(message.frame())
+            data = msg_frame(message)
             self._frames[message.id] = data
             self.size += len(data)
             while self.size > self.budget:

@@ -58,7 +58,8 @@ from chat_server import metrics
 from chat_server.backends.base import ChatStore, ClaimStatus, NickClaim, StoreUnavailable
 from chat_server.config import ServerConfig
 from chat_server.connections import Link
-from chat_server.fanout import Hold, Hub, Member
+from chat_server.encoding import ack_frame
+from chat_server.fanout import Delivered, Hold, Hub, Member
 from chat_server.messages import Draft, EncodedFrames, Scope, StoredMessage
 from chat_server.presence import Presence
 from chat_server.ratelimit import Limit, Quotas, TokenBucket
@@ -102,6 +103,9 @@ class Context:
     #: Each room's newest messages, for replays without SQL (one server only: None in a
     #: cluster).
     recent: RecentRooms | None = None
+    #: How far this server's fan-out has delivered (a single server; a cluster has its
+    #: own, ``Cluster.caught_up``).
+    delivered: Delivered = field(default_factory=Delivered)
     #: What clients can make the server log over and over (kicks, failing requests) is
     #: logged once per kind per interval: an attack must not flood the log.
     throttle: LogThrottle = field(init=False)
@@ -317,10 +321,7 @@ class Session:
 
     def acked(self, slot: Slot, message: StoredMessage) -> None:
         """The store committed this slot's message (the server sends :meth:`ready` after)."""
-        ack: Frame = {"type": "ack", "cid": message.cid, "id": message.id, "ts": message.ts}
-        if slot.ref is not None:
-            ack["ref"] = slot.ref
-        self.settle(slot, [encode(ack)])
+        self.settle(slot, [ack_frame(message, slot.ref)])
 
     def refused(self, slot: Slot, error: Exception) -> None:
         """The store could not commit this slot's message."""
@@ -526,10 +527,10 @@ class Session:
         covered: Covered = _nothing
         try:
             if hello.resume is not None:
-                covered = await self._replay(hello.resume, hello.rooms, frames)
+                covered, newest = await self._replay(hello.resume, hello.rooms, frames)
             else:
-                covered = await self._recent(hello.rooms, hello.history, frames)
-            await self._caught_up()
+                covered, newest = await self._recent(hello.rooms, hello.history, frames)
+            await self._caught_up(newest)
             frames.append(_SYNCED)
         except asyncio.CancelledError:
             raise
@@ -561,14 +562,19 @@ class Session:
             )
         return taken
 
-    async def _caught_up(self) -> None:
-        """In a cluster: before a hold ends, let the live stream pass what was just read.
+    async def _caught_up(self, newest: int) -> None:
+        """Before a hold ends, let the fan-out pass what the catch-up read (``newest``, the
+        highest id it sent; ``chat_server.fanout.Delivered`` says why).
 
         When that cannot be known the connection is closed (the client resumes) rather
         than risk showing a message twice.
         """
         cluster = self.ctx.cluster
-        if cluster is not None and not await cluster.caught_up():
+        if cluster is not None:
+            caught_up = await cluster.caught_up()
+        else:
+            caught_up = await self.ctx.delivered.reached(newest)
+        if not caught_up:
             self.kick(CloseCode.INTERNAL, "the live stream is unavailable; reconnect with resume")
             raise _CatchupFailed
 
@@ -581,16 +587,19 @@ class Session:
             joined["ref"] = ref
         return encode(joined)
 
-    async def _replay(self, after: int, rooms: Sequence[str], head: list[bytes]) -> Covered:
-        """Everything after ``after``: the newest that fit the budgets, oldest first.
+    async def _replay(
+        self, after: int, rooms: Sequence[str], head: list[bytes]
+    ) -> tuple[Covered, int]:
+        """Everything after ``after``: the newest that fit the budgets, oldest first;
+        and the newest id sent (0 if none).
 
         ``head``: frames to send before anything else, emptied once they are written (as
         in every catch-up below)."""
         recent = self.ctx.recent
         if recent is not None:
-            covered = await self._replay_recent(recent, after, rooms, head)
-            if covered is not None:
-                return covered
+            replayed = await self._replay_recent(recent, after, rooms, head)
+            if replayed is not None:
+                return replayed
         config, encoded = self.ctx.config, self.ctx.encoded
         scope = Scope(rooms=tuple(rooms), key=self.nick_key, direct=True, since=self.since)
         count = size = 0
@@ -627,11 +636,11 @@ class Session:
             ):
                 await self._paced([encoded(message) for message in page], head)
         high = max(after, newest)
-        return lambda message: message.id <= high
+        return (lambda message: message.id <= high), newest
 
     async def _replay_recent(
         self, recent: RecentRooms, after: int, rooms: Sequence[str], head: list[bytes]
-    ) -> Covered | None:
+    ) -> tuple[Covered, int] | None:
         """:meth:`_replay` from the rooms' tails in memory and the direct messages from the
         store; None (nothing sent) when the tails do not hold the replay or the direct
         messages are many: the caller then reads it all from the store."""
@@ -670,9 +679,13 @@ class Session:
         for low in range(start, len(messages), part):
             await self._paced([encoded(message) for message in messages[low : low + part]], head)
         high = max(after, bound)
-        return lambda message: message.id <= high
+        return (lambda message: message.id <= high), (messages[-1].id if messages else 0)
 
-    async def _recent(self, rooms: Sequence[str], limit: int, first: list[bytes]) -> Covered:
+    async def _recent(
+        self, rooms: Sequence[str], limit: int, first: list[bytes]
+    ) -> tuple[Covered, int]:
+        """The newest ``limit`` messages of each room and of the nick's DMs; and the
+        newest id sent (0 if none)."""
         config = self.ctx.config
         share = min(config.history_bytes, config.catchup_bytes // (len(rooms) + 1))
         newest: dict[str, int] = {}
@@ -692,7 +705,7 @@ class Session:
                 return message.id <= newest_dm
             return message.id <= newest.get(message.room, 0)
 
-        return covered
+        return covered, max([newest_dm, *newest.values()])
 
     async def _history(
         self,
@@ -837,7 +850,7 @@ class Session:
             frame, newest = await self._history(head, scope, None, HISTORY_DEFAULT, budget)
             await self._paced([frame])
             covered = lambda m: m.room == join.room and m.id <= newest  # noqa: E731
-            await self._caught_up()
+            await self._caught_up(newest)
         finally:
             self._release(covered)
         return ()

@@ -214,6 +214,22 @@ def test_line_mode_says_why_and_fails_a_refused_join(db: Path, tmp_path: Path) -
         assert "not joined #extra" in joined.stderr
 
 
+def test_a_rate_limited_join_is_asked_again_and_line_mode_waits_for_it(
+    db: Path, tmp_path: Path
+) -> None:
+    """A ``join`` refused as ``rate_limited`` is asked again after ``retry_after`` (the
+    window is not left open on a room the server never put us in), and line mode does
+    not exit at the end of its input while a ``/join`` is unanswered."""
+    with server(db, "--catchup-rate", "0.25", "--catchup-burst", "2") as proc:
+        command = line_client_command(proc.url, "carol", tmp_path)
+        joined = subprocess.run(
+            command, input="/join extra\n", capture_output=True, text=True, timeout=30
+        )
+    assert joined.returncode == 0, joined.stderr
+    assert "slow down" in joined.stdout
+    assert "#extra -- #extra: 1 here: carol" in joined.stdout, joined.stdout
+
+
 async def test_closing_a_window_never_throws_unsent_lines_away(db: Path, tmp_path: Path) -> None:
     with server(db) as proc:
         async with client(proc, tmp_path) as term:

@@ -311,6 +311,49 @@ async def test_healthz_answers_503_on_time_while_postgres_is_paused(
     await until_healthz(a, 200)
 
 
+async def test_sends_are_answered_unavailable_on_time_while_postgres_is_paused(
+    private_postgres: Postgres, replicas: Replicas
+) -> None:
+    """A paused PostgreSQL answers nothing and refuses nothing, and a cancelled query
+    waits for it to confirm. A send is answered ``unavailable`` after the query timeout
+    (10 s) and a second's grace, the sends queued behind it at once; resent by cid after
+    the database is back, each is stored once."""
+    url = await fresh_database(private_postgres)
+    (a,) = replicas(url, 1)
+    async with peer(a.url, "alice") as alice:
+        await alice.say("before")
+        await asyncio.to_thread(private_postgres.pause)
+        try:
+            started = time.monotonic()
+            await alice.send({"type": "send", "cid": "held", "room": "lobby", "body": "x"})
+            await asyncio.sleep(1.0)
+            await alice.send({"type": "send", "cid": "queued", "room": "lobby", "body": "y"})
+            held = await alice.expect("error", timeout=20, cid="held")
+            held_after = time.monotonic() - started
+            queued = await alice.expect("error", timeout=5, cid="queued")
+            queued_after = time.monotonic() - started
+        finally:
+            await asyncio.to_thread(private_postgres.unpause)
+        assert held["code"] == queued["code"] == "unavailable"
+        assert held_after < 14, f"unavailable after {held_after:.1f} s"
+        assert queued_after < 14, f"the queued send was answered after {queued_after:.1f} s"
+        for cid, body in (("held", "x"), ("queued", "y")):
+            async with asyncio.timeout(30):
+                while True:  # the pool may need a moment to be writable again
+                    await alice.send({"type": "send", "cid": cid, "room": "lobby", "body": body})
+                    frame = await alice.recv()
+                    while frame["type"] not in ("ack", "error"):
+                        frame = await alice.recv()
+                    if frame["type"] == "ack":
+                        break
+                    await asyncio.sleep(0.5)
+    rows = await query(url, "SELECT cid, count(*) FROM messages GROUP BY cid ORDER BY cid")
+    assert [(r[0], r[1]) for r in rows if r[0] in ("held", "queued")] == [
+        ("held", 1),
+        ("queued", 1),
+    ]
+
+
 async def test_a_hello_the_database_cannot_answer_is_closed_1011_not_blamed_on_the_client(
     private_postgres: Postgres, replicas: Replicas
 ) -> None:

@@ -1,5 +1,7 @@
 """The shared wire module: what it accepts, what it refuses and with which code."""
 
+from typing import Any
+
 import pytest
 
 from chat_protocol import ErrorCode, ProtocolError, decode, encode
@@ -163,3 +165,43 @@ def test_new_request_fields() -> None:
     ):
         with pytest.raises(ProtocolError):
             parse(bad)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"type":"who"}',
+        ' {"type":"who"}',
+        '{"type":"who"}\n',
+        '\ufeff{"type":"who"}',
+        '{"type":"who","n":NaN}',
+        '{"type":"who"}x',
+        '{"type":"who"}{}',
+        "",
+        "[1]",
+        '{"type":',
+        '{"type":"who","n":Infinity}',
+    ],
+)
+def test_decode_accepts_and_refuses_what_json_loads_does(text: str) -> None:
+    """decode reads a bare object in one scanner call; everything else must still be
+    accepted, or refused with json.loads's own words."""
+    import json
+
+    def outcome(parse: Any) -> tuple[str, str]:
+        try:
+            return "ok", repr(parse(text))
+        except (ValueError, ProtocolError) as exc:
+            message = exc.message if isinstance(exc, ProtocolError) else str(exc)
+            return "refused", message.removeprefix("not valid JSON: ")
+
+    def reference(data: str) -> Any:
+        def constant(name: str) -> Any:
+            raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+        value = json.loads(data, parse_constant=constant)
+        if not isinstance(value, dict):
+            raise ValueError("a frame must be a JSON object")
+        return value
+
+    assert outcome(decode) == outcome(reference)

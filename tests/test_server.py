@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.helpers import NO_LIMITS, Peer, peer, server, url
+from tests.helpers import NO_LIMITS, Frame, Peer, peer, server, url
 from tests.stores import (  # noqa: F401 (db: SQLite and PostgreSQL)
     db_on_both_stores,
     db_rows,
@@ -299,6 +299,49 @@ async def test_join_during_traffic_has_no_gap_or_duplicate(db: Path) -> None:
             got += [f["id"] for f in await j.quiet(0.5) if f["type"] == "msg"]
         assert got == sorted(set(got))
         assert got == sent[-len(got) :] and len(got) > len(history["messages"])
+
+
+def _message_ids(frames: list[Frame]) -> list[int]:
+    """The ids of the messages in these frames, in order: ``msg`` frames and the
+    messages of ``history`` frames."""
+    ids: list[int] = []
+    for frame in frames:
+        if frame["type"] == "msg":
+            ids.append(frame["id"])
+        elif frame["type"] == "history":
+            ids.extend(m["id"] for m in frame["messages"])
+    return ids
+
+
+@pytest.mark.parametrize("catchup", ["join", "hello", "resume"])
+async def test_a_catchup_that_reads_a_commit_before_its_fan_out_shows_it_once(
+    db: Path, catchup: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database can show a commit before the fan-out has delivered it: SQLite's
+    writer thread commits, then the event loop hears of it. Here that window is made
+    wide by handing every committed batch to the server 0.3 s late. A catch-up that reads
+    the message in that window must keep holding live frames until the fan-out has
+    passed it; released earlier, the message would come twice."""
+    async with server(db, **NO_LIMITS) as chat, peer(chat, "talker", rooms=["busy"]) as talker:
+        first = (await talker.say("before", room="busy"))["id"]
+        committed = chat.committed
+        loop = asyncio.get_running_loop()
+        monkeypatch.setattr(
+            chat, "committed", lambda results: loop.call_later(0.3, committed, results)
+        )
+        await talker.send({"type": "send", "cid": "late", "room": "busy", "body": "late"})
+        await asyncio.sleep(0.1)  # in the database, not yet delivered
+        rooms = ["busy"] if catchup != "join" else None
+        resume = 0 if catchup == "resume" else None
+        async with peer(chat, "joiner", rooms=rooms, resume=resume) as joiner:
+            frames = list(joiner.catchup) if catchup != "join" else []
+            if catchup == "join":
+                await joiner.send({"type": "join", "room": "busy"})
+                await joiner.expect("joined", room="busy")
+            frames += await joiner.quiet(1.0)
+        acks = [f for f in await talker.quiet(0.5) if f["type"] == "ack"]
+    late = acks[-1]["id"]
+    assert _message_ids(frames) == [first, late]
 
 
 async def test_bad_input_gets_errors_and_others_are_unaffected(db: Path) -> None:

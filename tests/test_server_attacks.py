@@ -111,7 +111,7 @@ async def test_a_failure_in_any_writer_operation_costs_that_request_only(
 ) -> None:
     store: Any
     if isinstance(db, Path):
-        store, batch_step, rooms_step = chat_server.backends.sqlite, "_row", "executemany"
+        store, batch_step, rooms_step = chat_server.backends.sqlite, "channel_of", "executemany"
     else:
         store, batch_step, rooms_step = chat_server.backends.postgres, "channel_of", "_now_ms"
     async with server(db, **NO_LIMITS) as chat, peer(chat, "alice") as alice:

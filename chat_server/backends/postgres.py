@@ -61,6 +61,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: How long past its query timeout a batch write may go unanswered before its senders
+#: are told ``unavailable`` (a cancelled query waits for a server that may never answer).
+WRITE_GRACE = 1.0
+
 T = TypeVar("T")
 
 #: Notification channels: committed message batches, and presence changes.
@@ -769,8 +773,15 @@ class PostgresStore:
             return int(row[0]), int(row[1]), ids, existing
 
         started = time.perf_counter()
+        work = asyncio.ensure_future(self._run(append))
+        # Past its own timeout a query is cancelled, and asyncpg waits for the server to
+        # confirm: a paused or cut-off server never does. The senders are not kept waiting.
+        await asyncio.wait({work}, timeout=self._timeout + WRITE_GRACE)
+        if not work.done():
+            await self._unanswered(work, drafts)
+            return
         try:
-            base, ts, ids, existing = await self._run(append)
+            base, ts, ids, existing = work.result()
         except (StoreUnavailable, StoreFailed) as exc:
             # The outcome of a batch whose connection broke is unknown; a resend of the
             # same cid is safe either way (stored at most once, answered with the original).
@@ -815,6 +826,39 @@ class PostgresStore:
                 # same cid and get the original back.
                 log.exception("the commit listener failed on a batch of %d", len(results))
                 self._notify_failed(drafts, StoreFailed(f"{type(exc).__name__}: {exc}"))
+
+    async def _unanswered(self, work: asyncio.Future[Any], drafts: Sequence[Draft]) -> None:
+        """A batch PostgreSQL has not answered: ``unavailable`` for its senders now, and
+        for every send queued until the write ends, at once.
+
+        The batch's outcome stays unknown, as the protocol says of a connection that broke
+        mid-commit: a resend of the same cid is stored at most once and answered with the
+        original. (Its messages, if they were committed, reach every replica from the
+        notification stream all the same.)
+        """
+        error = StoreUnavailable(
+            f"PostgreSQL did not answer a write within {self._timeout + WRITE_GRACE:g} s"
+        )
+        self._set_writable(False, str(error))
+        self._notify_failed(drafts, error)
+        while not work.done():
+            getter = asyncio.ensure_future(self._queue.get())
+            await asyncio.wait({work, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                break
+            item = getter.result()
+            if item is None:  # stopping: the writer's loop sees it once this write ends
+                self._queue.put_nowait(None)
+                await asyncio.wait({work})
+                break
+            self._notify_failed([item], error)
+        if not work.cancelled() and work.exception() is None:
+            log.warning(
+                "a write PostgreSQL answered late was committed after its %d senders were"
+                " told unavailable; they resend by cid and get the original",
+                len(drafts),
+            )
 
     async def _existing(
         self, db: Db, drafts: Sequence[Draft]

@@ -457,26 +457,40 @@ class Store:
         try:
             ts = _now_ms()
             for draft in drafts:
-                key = (draft.sender_key, draft.cid)
+                sender_key, cid, room = draft.sender_key, draft.cid, draft.room
+                key = (sender_key, cid)
                 if key in batch:  # the same message twice in one batch
                     results.append(Committed(draft, batch[key], fresh=False))
                     continue
                 next_id += 1
+                # Positional and without a helper per row: this loop runs for every message.
                 message = StoredMessage(
-                    id=next_id,
-                    ts=ts,
-                    room=draft.room,
-                    sender_key=draft.sender_key,
-                    sender=draft.sender,
-                    recipient_key=draft.recipient_key,
-                    recipient=draft.recipient,
-                    action=draft.action,
-                    body=draft.body,
-                    cid=draft.cid,
+                    next_id,
+                    ts,
+                    room,
+                    sender_key,
+                    draft.sender,
+                    draft.recipient_key,
+                    draft.recipient,
+                    draft.action,
+                    draft.body,
+                    cid,
                 )
                 batch[key] = message
-                results.append(Committed(draft, message, fresh=True))
-                rows.extend(_row(message))
+                results.append(Committed(draft, message, True))
+                rows += (  # channel, then _COLUMNS
+                    channel_of(room, sender_key, draft.recipient_key),
+                    next_id,
+                    ts,
+                    room,
+                    sender_key,
+                    draft.sender,
+                    draft.recipient_key,
+                    draft.recipient,
+                    int(draft.action),
+                    draft.body,
+                    cid,
+                )
             count = len(batch)
             marks = ", ".join([_ROW_MARKS] * count)
             started = time.perf_counter()
@@ -680,19 +694,3 @@ async def _scalar(db: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()
     async with db.execute(sql, params) as cursor:
         row = await cursor.fetchone()
     return row[0] if row else None
-
-
-def _row(message: StoredMessage) -> tuple[Any, ...]:
-    return (
-        channel_of(message.room, message.sender_key, message.recipient_key),
-        message.id,
-        message.ts,
-        message.room,
-        message.sender_key,
-        message.sender,
-        message.recipient_key,
-        message.recipient,
-        int(message.action),
-        message.body,
-        message.cid,
-    )
