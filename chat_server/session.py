@@ -32,7 +32,7 @@ import logging
 import math
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from heapq import merge
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +58,7 @@ from chat_server import metrics
 from chat_server.backends.base import ChatStore, ClaimStatus, NickClaim, StoreUnavailable
 from chat_server.config import ServerConfig
 from chat_server.connections import Link
-from chat_server.encoding import ack_frame
+from chat_server.encoding import ack_frame, msg_frame
 from chat_server.fanout import Delivered, Hold, Hub, Member
 from chat_server.messages import Draft, EncodedFrames, Scope, StoredMessage
 from chat_server.presence import Presence
@@ -600,7 +600,7 @@ class Session:
             replayed = await self._replay_recent(recent, after, rooms, head)
             if replayed is not None:
                 return replayed
-        config, encoded = self.ctx.config, self.ctx.encoded
+        config, encoded = self.ctx.config, self._frame
         scope = Scope(rooms=tuple(rooms), key=self.nick_key, direct=True, since=self.since)
         count = size = 0
         newest = oldest = 0
@@ -644,7 +644,7 @@ class Session:
         """:meth:`_replay` from the rooms' tails in memory and the direct messages from the
         store; None (nothing sent) when the tails do not hold the replay or the direct
         messages are many: the caller then reads it all from the store."""
-        config, encoded = self.ctx.config, self.ctx.encoded
+        config, encoded = self.ctx.config, self._frame
         cap = config.resume_cap
         await recent.load(rooms, after, cap)
         # One point in the commit order for both parts: everything up to ``bound`` is
@@ -707,6 +707,19 @@ class Session:
 
         return covered, max([newest_dm, *newest.values()])
 
+    def _frame(self, message: StoredMessage) -> bytes:
+        """A stored message's ``msg`` frame for this session's catch-up.
+
+        When a registration expires unconfirmed and the nick is registered afresh, the
+        earlier holder's cids are retired in the store (``~<id>``), but frames encoded
+        before that, and the rooms' tails, still carry them; this holder's client would
+        take such a cid for one of its own unsent messages and drop it. A message of
+        this nick older than its registration (``since``) is an earlier holder's.
+        """
+        if message.id <= self.since and message.sender_key == self.nick_key:
+            return msg_frame(replace(message, cid=f"~{message.id}"))
+        return self.ctx.encoded(message)
+
     async def _history(
         self,
         head: Frame,
@@ -718,7 +731,7 @@ class Session:
     ) -> tuple[bytes, int]:
         """A ``history`` frame: the newest messages within ``limit`` and ``budget`` bytes
         (always one at least), oldest first; and the newest id in it (0 if none)."""
-        encoded = self.ctx.encoded
+        encoded = self._frame
         taken: list[bytes] = []
         size = 2  # the brackets of the messages array; each message adds itself and a comma
         more = False

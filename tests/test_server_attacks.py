@@ -603,6 +603,29 @@ async def test_the_next_holder_of_an_expired_nick_gets_its_own_message_for_a_use
     assert rows[0][0] == first["id"]
 
 
+@pytest.mark.parametrize("catchup", ["history", "resume"])
+async def test_the_next_holder_of_an_expired_nick_never_sees_the_old_holders_cids(
+    db: Path, catchup: str
+) -> None:
+    """The retired cids (``~<id>``) reach the next holder's catch-up also from the
+    server's caches, which encoded the old holder's messages before they were retired:
+    a client takes a message of its own nick with one of its pending cids for that
+    message come back, and would drop it unsent."""
+    async with server(db, nick_claim_ttl=1.0) as chat:
+        async with peer(chat, "alice") as old:  # a server-made secret, never presented again
+            first = await old.say("the old holder's words", cid="c1")
+        await asyncio.sleep(1.1)
+        secret = "n" + uuid.uuid4().hex
+        resume = 0 if catchup == "resume" else None
+        async with peer(chat, "alice", secret=secret, resume=resume) as new:
+            assert new.welcome.get("registered") is True
+            shown = [f for f in new.catchup if f["type"] == "msg"]
+            for frame in new.catchup:
+                if frame["type"] == "history":
+                    shown += frame["messages"]
+    assert [(m["id"], m["cid"]) for m in shown] == [(first["id"], f"~{first['id']}")]
+
+
 def test_no_limits_flags_match_the_settings() -> None:
     """The flags the tests use to lift limits are real server flags."""
     done = subprocess.run(
