@@ -17,7 +17,11 @@ no coroutine frame and no timer:
   tasks and timers did: handshake deadlines, keepalive (a ping to a connection silent for
   ``ping_interval``, close 1011 when nothing came back within ``ping_timeout``), the
   handler's own deadline (:meth:`Connection.close_after`) and the closing handshake's.
-- Writes are synchronous: frames go to the socket in one ``transport.write``.
+- Writes are synchronous: frames go to the socket in one ``transport.write``. A frame
+  for many recipients is framed once (:func:`frame_text`, by websockets itself) and the
+  same bytes go to each of them (:meth:`Connection.write_framed`): an unmasked server
+  frame is the same on every connection without extensions, and this server negotiates
+  none.
   :meth:`Connection.buffered` says how much is waiting (the session drops a reader too slow
   to keep up: it knows which bytes are its own paced catch-up), and
   :meth:`Connection.drain` lets a writer that sends a lot at once wait for the socket, so
@@ -40,6 +44,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol, cast
 
+from websockets.extensions import ServerExtensionFactory
 from websockets.frames import BINARY, CONT, TEXT, Frame
 from websockets.http11 import SERVER as SERVER_HEADER
 from websockets.http11 import Request, Response
@@ -98,6 +103,9 @@ class Link(Protocol):
     def write(self, frames: Sequence[bytes]) -> None:
         """Send encoded text frames in one socket write; never waits; ignored once closing."""
 
+    def write_framed(self, frames: Sequence[bytes]) -> None:
+        """:meth:`write` for frames already framed by :func:`frame_text`."""
+
     def buffered(self) -> int:
         """Bytes written but not yet taken by the kernel."""
 
@@ -139,6 +147,22 @@ Opener = Callable[["Connection", Request], Handler]
 #: or returns ``None`` to go on with the handshake; may be a coroutine function. It may
 #: set :attr:`Connection.ip` (the client behind a trusted proxy) before returning None.
 Responder = Callable[["Connection", Request], Response | Awaitable[Response | None] | None]
+
+
+def frame_text(data: bytes) -> bytes:
+    """``data`` (UTF-8 text) as one final, unmasked text frame, as websockets frames it.
+
+    What a server writes for a text message on a connection without extensions does not
+    depend on the connection: the fan-out frames a message once for all its recipients
+    (:meth:`Connection.write_framed`) instead of once per recipient.
+    """
+    return Frame(TEXT, data).serialize(mask=False)
+
+
+def _payload(framed: bytes) -> bytes:
+    """The payload of a frame made by :func:`frame_text` (its header is 2, 4 or 10 bytes)."""
+    length = framed[1] & 0x7F
+    return framed[2 + (2 if length == 126 else 8 if length == 127 else 0) :]
 
 
 class _Partial:
@@ -185,7 +209,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: WebSocketServer) -> None:
         self.server = server
-        self.protocol = ServerProtocol(max_size=server.max_size)
+        self.protocol = ServerProtocol(max_size=server.max_size, extensions=server.extensions)
         self.handler: Handler | None = None
         self.transport: asyncio.Transport | None = None
         self.remote_address: tuple[Any, ...] | None = None
@@ -268,6 +292,27 @@ class Connection(asyncio.Protocol):
         for data in frames:
             protocol.send_text(data)
         self._flush()
+
+    def write_framed(self, frames: Sequence[bytes]) -> None:
+        """:meth:`write` for frames made by :func:`frame_text`: their bytes go to the
+        socket as they are, joined, without framing them again for this connection.
+
+        On a connection with extensions (compression is per connection) websockets frames
+        each payload again, as :meth:`write` does.
+        """
+        protocol = self.protocol
+        if protocol.state is not OPEN or self._gone or not frames:
+            return
+        if protocol.extensions:
+            for framed in frames:
+                protocol.send_text(_payload(framed))
+            self._flush()
+            return
+        # Nothing else waits in the Sans-I/O protocol: every call that queues data there
+        # hands it to the socket (_flush) before it returns.
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(b"".join(frames))
 
     async def drain(self) -> None:
         """Wait while the socket's send buffer is over its high-water mark.
@@ -743,6 +788,7 @@ class WebSocketServer:
         write_limit: int = 32 * 1024,
         inbox_limit: int = 16,
         tick: float = 1.0,
+        extensions: Sequence[ServerExtensionFactory] | None = None,
     ) -> None:
         self.opener = opener
         self.responder = responder
@@ -762,6 +808,9 @@ class WebSocketServer:
         self.write_limit = write_limit
         self.inbox_limit = inbox_limit
         self.tick = tick
+        #: WebSocket extensions offered to clients (websockets' factories). The chat
+        #: server offers none: its fan-out sends the same framed bytes to every recipient.
+        self.extensions = extensions
         self.loop = asyncio.get_running_loop()
         #: The sweep's clock: loop.time() at the last sweep, read instead of the clock.
         self.clock = self.loop.time()
@@ -1055,5 +1104,6 @@ __all__ = [
     "Responder",
     "WebSocketServer",
     "connection_budget",
+    "frame_text",
     "raise_open_file_limit",
 ]

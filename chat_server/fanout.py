@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from chat_protocol import CloseCode
-from chat_server.connections import Link
+from chat_server.connections import Link, frame_text
 from chat_server.messages import StoredMessage
 
 log = logging.getLogger(__name__)
@@ -219,25 +219,29 @@ class Hub:
         """Write several frames, in order; each recipient gets all of its frames in one write.
 
         A batch committed together (and its acks) thus costs one socket write per
-        recipient, not one per message per recipient.
+        recipient, not one per message per recipient; and each frame is framed once, not
+        once per recipient.
         """
         queues: dict[Member, list[bytes]] = {}
         held: list[Member] = []
         for recipients, data, message in items:
+            framed: bytes | None = None  # framed once, for all its recipients
             for member in recipients:
                 if member.hold is None:
+                    if framed is None:
+                        framed = frame_text(data)
                     frames = queues.get(member)
                     if frames is None:
-                        queues[member] = [data]
+                        queues[member] = [framed]
                     else:
-                        frames.append(data)
+                        frames.append(framed)
                 else:
                     member.hold.append(data, message)
                     held.append(member)
         limit = self.buffer_limit
         for member, frames in queues.items():
             link = member.link
-            link.write(frames)
+            link.write_framed(frames)
             if link.buffered() > limit:
                 self.drop(member)
         for member in held:

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chat_server.fanout import Hub
+from chat_server.connections import frame_text
+from chat_server.fanout import Hold, Hub
 
 
 @dataclass(eq=False)
@@ -92,3 +93,47 @@ def test_a_cluster_page_of_members_merges_this_replica_and_the_others() -> None:
     assert hub.member_page("a", "eve", 2) == (["frank"], False)
     assert hub.count("a") == 5 and hub.is_online("carol") and not hub.is_online("zed")
     assert hub.members("b") == []
+
+
+@dataclass(eq=False)
+class RecordingLink:
+    """A link that keeps what it is given; ``unsent`` is what buffered() reports."""
+
+    writes: list[list[bytes]] = field(default_factory=list)
+    unsent: int = 0
+
+    def write_framed(self, frames: list[bytes]) -> None:
+        self.writes.append(list(frames))
+
+    def buffered(self) -> int:
+        return self.unsent
+
+
+@dataclass(eq=False)
+class LinkedMember(FakeMember):
+    kicked: list[tuple[int, str]] = field(default_factory=list)
+
+    def kick(self, code: int, reason: str) -> None:
+        self.kicked.append((code, reason))
+
+
+def test_a_batch_is_framed_once_and_written_once_per_recipient_in_order() -> None:
+    hub = Hub(buffer_limit=1000)
+    alice, bob, slow = (LinkedMember(n, link=RecordingLink()) for n in ("alice", "bob", "slow"))
+    holding = LinkedMember("carol", link=RecordingLink(), hold=Hold())
+    slow.link.unsent = 1001
+    everyone = [alice, bob, holding, slow]
+    hub.publish_many(
+        [(everyone, b'"one"', None), ([alice], b'"ack"', None), (everyone, b'"two"', None)]
+    )
+    one, ack, two = (frame_text(data) for data in (b'"one"', b'"ack"', b'"two"'))
+    assert alice.link.writes == [[one, ack, two]]
+    assert bob.link.writes == [[one, two]]
+    # Framed once: every recipient is given the same bytes, not a copy of its own.
+    assert alice.link.writes[0][0] is bob.link.writes[0][0] is slow.link.writes[0][0]
+    # A member in its catch-up keeps the payloads in order, for later, and writes nothing.
+    assert holding.link.writes == [] and holding.hold is not None
+    assert holding.hold.frames == [(b'"one"', None), (b'"two"', None)]
+    # Over the limit after its write: dropped as too slow; the others are not.
+    assert slow.kicked and slow.kicked[0][0] == 1008
+    assert not alice.kicked and not bob.kicked
