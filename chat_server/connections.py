@@ -106,6 +106,13 @@ class Link(Protocol):
     def write_framed(self, frames: Sequence[bytes]) -> None:
         """:meth:`write` for frames already framed by :func:`frame_text`."""
 
+    def defer_framed(self, frames: Sequence[bytes]) -> None:
+        """:meth:`write_framed`, but the bytes wait here until :meth:`flush` or the next
+        write of any kind (which sends them first: nothing overtakes them)."""
+
+    def flush(self) -> None:
+        """Send what :meth:`defer_framed` kept."""
+
     def buffered(self) -> int:
         """Bytes written but not yet taken by the kernel."""
 
@@ -186,6 +193,7 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "_counted",
         "_deadline",
+        "_deferred",
         "_drain_waiter",
         "_expire",
         "_gone",
@@ -241,6 +249,8 @@ class Connection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         #: True once the WebSocket left the OPEN state and the handler was told.
         self._gone = False
+        #: Frames kept by defer_framed until flush() or the next write (None: none).
+        self._deferred: list[bytes] | None = None
 
     # --- what a handler uses ----------------------------------------------------------
 
@@ -276,9 +286,11 @@ class Connection(asyncio.Protocol):
         return self.protocol.reject(status, text)
 
     def buffered(self) -> int:
-        """Bytes written but not yet handed to the kernel."""
+        """Bytes written (or deferred) but not yet handed to the kernel."""
         transport = self.transport
-        return transport.get_write_buffer_size() if transport is not None else 0
+        size = transport.get_write_buffer_size() if transport is not None else 0
+        deferred = self._deferred
+        return size if deferred is None else size + sum(map(len, deferred))
 
     def write(self, frames: Sequence[bytes]) -> None:
         """Send each item (UTF-8 text) as a text frame, all in one socket write.
@@ -300,19 +312,58 @@ class Connection(asyncio.Protocol):
         On a connection with extensions (compression is per connection) websockets frames
         each payload again, as :meth:`write` does.
         """
+        data = self._joined(frames)
+        if data is not None:
+            self._send(data)
+
+    def defer_framed(self, frames: Sequence[bytes]) -> None:
+        """:meth:`write_framed`, but the frames wait in this connection until
+        :meth:`flush` or its next write of any kind, which sends them first: whatever is
+        written after them, from anywhere, reaches the client after them. (A connection
+        with extensions has them framed for it and sent at once.)"""
+        if self._gone or not frames:
+            return
+        if self.protocol.extensions:
+            self.write_framed(frames)
+            return
+        deferred = self._deferred
+        if deferred is None:
+            self._deferred = list(frames)
+        else:
+            deferred += frames
+
+    def flush(self) -> None:
+        """Send what :meth:`defer_framed` kept, now."""
+        deferred = self._deferred
+        if deferred is not None:
+            self._deferred = None
+            if self.protocol.state is OPEN and not self._gone:
+                self._send(b"".join(deferred))
+
+    def _joined(self, frames: Sequence[bytes]) -> bytes | None:
+        """Frames made by :func:`frame_text`, joined for the socket; None when there is
+        nothing to send, or when websockets framed and sent them for this connection
+        (it has extensions)."""
         protocol = self.protocol
         if protocol.state is not OPEN or self._gone or not frames:
-            return
+            return None
         if protocol.extensions:
             for framed in frames:
                 protocol.send_text(_payload(framed))
             self._flush()
-            return
-        # Nothing else waits in the Sans-I/O protocol: every call that queues data there
-        # hands it to the socket (_flush) before it returns.
+            return None
+        return b"".join(frames)
+
+    def _send(self, data: bytes) -> None:
+        """Bytes to the socket, after anything deferred: the one place that writes."""
+        deferred = self._deferred
+        if deferred is not None:
+            self._deferred = None
+            deferred.append(data)
+            data = b"".join(deferred)
         transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(b"".join(frames))
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
 
     async def drain(self) -> None:
         """Wait while the socket's send buffer is over its high-water mark.
@@ -321,6 +372,7 @@ class Connection(asyncio.Protocol):
         the pace the client reads and its data never piles up. Returns at once when the
         buffer is low or the connection has closed.
         """
+        self.flush()
         if not self._writing_paused or self.transport is None:
             return
         waiter = self._drain_waiter
@@ -442,6 +494,7 @@ class Connection(asyncio.Protocol):
         # Returning None lets the transport close: WebSocket never writes after EOF.
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._deferred = None
         self.protocol.receive_eof()  # idempotent; the state is now CLOSED
         self._left_open()
         waiter, self._drain_waiter = self._drain_waiter, None
@@ -655,9 +708,9 @@ class Connection(asyncio.Protocol):
         if not chunks or transport is None or transport.is_closing():
             return
         eof = not chunks[-1]
-        data = b"".join(chunks)
-        if data:
-            transport.write(data)
+        # Nothing else waits in the Sans-I/O protocol: every call that queues data there
+        # comes here before it returns. What was deferred goes first.
+        self._send(b"".join(chunks))
         if eof:
             if transport.can_write_eof():
                 transport.write_eof()

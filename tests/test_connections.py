@@ -105,6 +105,18 @@ class Recorder:
             self.connection.write([b"before"])
             self.connection.write_framed([frame_text(b"\xc3\xa9" * (n // 2)) for n in sizes])
             self.connection.write([b"after"])
+        elif message.startswith("defer:"):  # frames kept back, then something else
+            _, then = message.split(":")
+            before = self.connection.buffered()
+            self.connection.defer_framed([frame_text(b"kept 1"), frame_text(b"kept 2")])
+            kept = self.connection.buffered() - before
+            if then == "write":
+                self.connection.write([b"kept %d bytes" % kept])
+            elif then == "flush":
+                self.connection.flush()
+                self.connection.write([b"flushed"])
+            elif then == "close":
+                self.connection.close(1000, "bye")
         elif message.startswith("limit:"):  # write until too much waits, as the hub does
             _, count, size, limit = message.split(":")
             frame = b"x" * int(size)
@@ -610,6 +622,19 @@ async def test_framed_frames_reach_the_client_in_order_with_other_writes() -> No
         for size in sizes:
             assert await ws.recv() == "é" * (size // 2)
         assert await ws.recv() == "after"
+
+
+async def test_deferred_frames_go_before_whatever_is_written_after_them() -> None:
+    async with layer() as (server, _), connect(ws_url(server)) as ws, asyncio.timeout(5):
+        await ws.send("defer:write")
+        assert [await ws.recv() for _ in range(3)] == ["kept 1", "kept 2", "kept 16 bytes"]
+        await ws.send("defer:flush")
+        assert [await ws.recv() for _ in range(3)] == ["kept 1", "kept 2", "flushed"]
+        await ws.send("echo")  # nothing was left behind
+        assert await ws.recv() == "echo"
+        await ws.send("defer:close")
+        assert [await ws.recv() for _ in range(2)] == ["kept 1", "kept 2"]
+        assert await closed_code(ws) == 1000
 
 
 async def deflate_client(port: int, request: str) -> tuple[list[str], int]:
