@@ -65,7 +65,7 @@ class ChatServer:
     def __init__(self, config: ServerConfig, store: ChatStore) -> None:
         self.config = config
         self.store = store
-        self.hub = Hub(config.send_buffer_limit)
+        self.hub = Hub(config.send_buffer_limit, config.delivery_window_ms / 1000)
         presence = Presence(self.hub)
         encoded = EncodedFrames()
         #: Set when the store is shared by several replicas (PostgreSQL).
@@ -243,7 +243,7 @@ class ChatServer:
                 acks += 1
         for session in answered:
             deliveries.extend(([session], data, None) for data in session.ready())
-        hub.publish_many(deliveries)
+        hub.publish_many(deliveries, now=answered)
         if self.cluster is None and results:
             self.ctx.delivered.advance(max(r.message.id for r in results))
         metrics.MESSAGES.inc(fresh)

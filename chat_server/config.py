@@ -31,6 +31,10 @@ class ServerConfig:
     #: Milliseconds the writer lingers after the first message of a batch, so that one
     #: commit and one socket write per recipient carry several messages.
     batch_wait_ms: float = 1.0
+    #: The delivery window: under continuous traffic, each client gets at most one
+    #: socket write per window, so that several commits share it; a frame waits at most
+    #: this long (0: every commit is written at once; see chat_server.fanout).
+    delivery_window_ms: float = 10.0
     #: Messages waiting for the writer before senders are made to wait.
     queue_max: int = 10_000
     #: Token buckets: frames per second (and burst) per connection, and the same for
@@ -95,6 +99,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be at least 1024")
         if self.resume_cap < 1 or self.catchup_concurrency < 1:
             raise ValueError("resume_cap and catchup_concurrency must be at least 1")
+        if not 0 <= self.delivery_window_ms <= 1000:
+            raise ValueError("delivery_window_ms must be 0-1000")
 
 
 _ENV = {f.name: "CHAT_" + f.name.upper() for f in fields(ServerConfig)}
@@ -106,6 +112,7 @@ _HELP = {
     "synchronous": "SQLite synchronous mode (FULL survives power loss, NORMAL a crash)",
     "batch_max": "most messages in one group commit (at most 2000)",
     "batch_wait_ms": "milliseconds a batch waits for more messages before its commit",
+    "delivery_window_ms": "most milliseconds a message waits to share a socket write (0: none)",
     "queue_max": "messages queued for the writer before senders wait",
     "rate": "frames per second per connection, and messages per second per nick",
     "burst": "burst of frames per connection, and of messages per nick",

@@ -17,7 +17,11 @@ no coroutine frame and no timer:
   tasks and timers did: handshake deadlines, keepalive (a ping to a connection silent for
   ``ping_interval``, close 1011 when nothing came back within ``ping_timeout``), the
   handler's own deadline (:meth:`Connection.close_after`) and the closing handshake's.
-- Writes are synchronous: frames go to the socket in one ``transport.write``.
+- Writes are synchronous: frames go to the socket in one ``transport.write``. A frame
+  for many recipients is framed once (:func:`frame_text`, by websockets itself) and the
+  same bytes go to each of them (:meth:`Connection.write_framed`): an unmasked server
+  frame is the same on every connection without extensions, and this server negotiates
+  none.
   :meth:`Connection.buffered` says how much is waiting (the session drops a reader too slow
   to keep up: it knows which bytes are its own paced catch-up), and
   :meth:`Connection.drain` lets a writer that sends a lot at once wait for the socket, so
@@ -41,6 +45,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol, cast
 
+from websockets.extensions import ServerExtensionFactory
 from websockets.frames import BINARY, CONT, TEXT, Frame
 from websockets.http11 import SERVER as SERVER_HEADER
 from websockets.http11 import Request, Response
@@ -99,6 +104,16 @@ class Link(Protocol):
     def write(self, frames: Sequence[bytes]) -> None:
         """Send encoded text frames in one socket write; never waits; ignored once closing."""
 
+    def write_framed(self, frames: Sequence[bytes]) -> None:
+        """:meth:`write` for frames already framed by :func:`frame_text`."""
+
+    def defer_framed(self, frames: Sequence[bytes]) -> None:
+        """:meth:`write_framed`, but the bytes wait here until :meth:`flush` or the next
+        write of any kind (which sends them first: nothing overtakes them)."""
+
+    def flush(self) -> None:
+        """Send what :meth:`defer_framed` kept."""
+
     def buffered(self) -> int:
         """Bytes written but not yet taken by the kernel."""
 
@@ -147,23 +162,34 @@ _HEAD_16 = struct.Struct("!BBH").pack
 _HEAD_64 = struct.Struct("!BBQ").pack
 
 
+def frame_text(data: bytes) -> bytes:
+    """``data`` (UTF-8 text) as one final, unmasked text frame: the bytes websockets'
+    ``Frame(TEXT, data).serialize(mask=False)`` gives (a 2, 4 or 10 byte header and the
+    payload, RFC 6455 5.2; ``tests/test_connections.py`` compares them for every length
+    class), without its general path (a ``Frame`` object, its checks), which was the
+    largest part of writing a replay in a reconnect storm.
+
+    What a server writes for a text message on a connection without extensions does not
+    depend on the connection: the fan-out frames a message once for all its recipients
+    (:meth:`Connection.write_framed`) instead of once per recipient.
+    """
+    size = len(data)
+    if size < 126:
+        return _HEAD_SHORT[size] + data
+    if size < 65536:
+        return _HEAD_16(0x81, 126, size) + data
+    return _HEAD_64(0x81, 127, size) + data
+
+
 def text_frames(frames: Sequence[bytes]) -> bytes:
-    """Unmasked, unfragmented text frames of these payloads, as websockets would frame
-    them without extensions: a header and the payload each (RFC 6455, 5.2). Built here
-    because a server's frame is the same bytes for every client, and websockets'
-    general path (a ``Frame`` object, its checks, ``serialize``) was the largest part of
-    writing a replay in a reconnect storm."""
-    parts: list[bytes] = []
-    for data in frames:
-        size = len(data)
-        if size < 126:
-            parts.append(_HEAD_SHORT[size])
-        elif size < 65536:
-            parts.append(_HEAD_16(0x81, 126, size))
-        else:
-            parts.append(_HEAD_64(0x81, 127, size))
-        parts.append(data)
-    return b"".join(parts)
+    """:func:`frame_text` of each payload, joined for one socket write."""
+    return b"".join([frame_text(data) for data in frames])
+
+
+def _payload(framed: bytes) -> bytes:
+    """The payload of a frame made by :func:`frame_text` (its header is 2, 4 or 10 bytes)."""
+    length = framed[1] & 0x7F
+    return framed[2 + (2 if length == 126 else 8 if length == 127 else 0) :]
 
 
 class _Partial:
@@ -187,6 +213,7 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "_counted",
         "_deadline",
+        "_deferred",
         "_drain_waiter",
         "_expire",
         "_gone",
@@ -210,7 +237,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: WebSocketServer) -> None:
         self.server = server
-        self.protocol = ServerProtocol(max_size=server.max_size)
+        self.protocol = ServerProtocol(max_size=server.max_size, extensions=server.extensions)
         self.handler: Handler | None = None
         self.transport: asyncio.Transport | None = None
         self.remote_address: tuple[Any, ...] | None = None
@@ -242,6 +269,8 @@ class Connection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         #: True once the WebSocket left the OPEN state and the handler was told.
         self._gone = False
+        #: Frames kept by defer_framed until flush() or the next write (None: none).
+        self._deferred: list[bytes] | None = None
 
     # --- what a handler uses ----------------------------------------------------------
 
@@ -277,9 +306,11 @@ class Connection(asyncio.Protocol):
         return self.protocol.reject(status, text)
 
     def buffered(self) -> int:
-        """Bytes written but not yet handed to the kernel."""
+        """Bytes written (or deferred) but not yet handed to the kernel."""
         transport = self.transport
-        return transport.get_write_buffer_size() if transport is not None else 0
+        size = transport.get_write_buffer_size() if transport is not None else 0
+        deferred = self._deferred
+        return size if deferred is None else size + sum(map(len, deferred))
 
     def write(self, frames: Sequence[bytes]) -> None:
         """Send each item (UTF-8 text) as a text frame, all in one socket write.
@@ -296,9 +327,67 @@ class Connection(asyncio.Protocol):
             self._flush()
             return
         self._flush()  # whatever the protocol has queued (a pong) goes first
+        self._send(text_frames(frames))
+
+    def write_framed(self, frames: Sequence[bytes]) -> None:
+        """:meth:`write` for frames made by :func:`frame_text`: their bytes go to the
+        socket as they are, joined, without framing them again for this connection.
+
+        On a connection with extensions (compression is per connection) websockets frames
+        each payload again, as :meth:`write` does.
+        """
+        data = self._joined(frames)
+        if data is not None:
+            self._send(data)
+
+    def defer_framed(self, frames: Sequence[bytes]) -> None:
+        """:meth:`write_framed`, but the frames wait in this connection until
+        :meth:`flush` or its next write of any kind, which sends them first: whatever is
+        written after them, from anywhere, reaches the client after them. (A connection
+        with extensions has them framed for it and sent at once.)"""
+        if self._gone or not frames:
+            return
+        if self.protocol.extensions:
+            self.write_framed(frames)
+            return
+        deferred = self._deferred
+        if deferred is None:
+            self._deferred = list(frames)
+        else:
+            deferred += frames
+
+    def flush(self) -> None:
+        """Send what :meth:`defer_framed` kept, now."""
+        deferred = self._deferred
+        if deferred is not None:
+            self._deferred = None
+            if self.protocol.state is OPEN and not self._gone:
+                self._send(b"".join(deferred))
+
+    def _joined(self, frames: Sequence[bytes]) -> bytes | None:
+        """Frames made by :func:`frame_text`, joined for the socket; None when there is
+        nothing to send, or when websockets framed and sent them for this connection
+        (it has extensions)."""
+        protocol = self.protocol
+        if protocol.state is not OPEN or self._gone or not frames:
+            return None
+        if protocol.extensions:
+            for framed in frames:
+                protocol.send_text(_payload(framed))
+            self._flush()
+            return None
+        return b"".join(frames)
+
+    def _send(self, data: bytes) -> None:
+        """Bytes to the socket, after anything deferred: the one place that writes."""
+        deferred = self._deferred
+        if deferred is not None:
+            self._deferred = None
+            deferred.append(data)
+            data = b"".join(deferred)
         transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(text_frames(frames))
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
 
     async def drain(self) -> None:
         """Wait while the socket's send buffer is over its high-water mark.
@@ -307,6 +396,7 @@ class Connection(asyncio.Protocol):
         the pace the client reads and its data never piles up. Returns at once when the
         buffer is low or the connection has closed.
         """
+        self.flush()
         if not self._writing_paused or self.transport is None:
             return
         waiter = self._drain_waiter
@@ -428,6 +518,7 @@ class Connection(asyncio.Protocol):
         # Returning None lets the transport close: WebSocket never writes after EOF.
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._deferred = None
         self.protocol.receive_eof()  # idempotent; the state is now CLOSED
         self._left_open()
         waiter, self._drain_waiter = self._drain_waiter, None
@@ -641,9 +732,9 @@ class Connection(asyncio.Protocol):
         if not chunks or transport is None or transport.is_closing():
             return
         eof = not chunks[-1]
-        data = b"".join(chunks)
-        if data:
-            transport.write(data)
+        # Nothing else waits in the Sans-I/O protocol: every call that queues data there
+        # comes here before it returns. What was deferred goes first.
+        self._send(b"".join(chunks))
         if eof:
             if transport.can_write_eof():
                 transport.write_eof()
@@ -774,6 +865,7 @@ class WebSocketServer:
         write_limit: int = 32 * 1024,
         inbox_limit: int = 16,
         tick: float = 1.0,
+        extensions: Sequence[ServerExtensionFactory] | None = None,
     ) -> None:
         self.opener = opener
         self.responder = responder
@@ -793,6 +885,9 @@ class WebSocketServer:
         self.write_limit = write_limit
         self.inbox_limit = inbox_limit
         self.tick = tick
+        #: WebSocket extensions offered to clients (websockets' factories). The chat
+        #: server offers none: its fan-out sends the same framed bytes to every recipient.
+        self.extensions = extensions
         self.loop = asyncio.get_running_loop()
         #: The sweep's clock: loop.time() at the last sweep, read instead of the clock.
         self.clock = self.loop.time()
@@ -1086,5 +1181,6 @@ __all__ = [
     "Responder",
     "WebSocketServer",
     "connection_budget",
+    "frame_text",
     "raise_open_file_limit",
 ]

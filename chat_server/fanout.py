@@ -7,6 +7,19 @@ each recipient's outgoing buffer after writing and drops a member whose buffer p
 ``buffer_limit`` bytes: a stuck reader costs a bounded amount of memory and never delays
 anybody else.
 
+Writes are few and large: a batch committed together costs one socket write per
+recipient, and each frame is framed once for all of them. A write to a socket costs the
+server more kernel time than fanning a message out costs Python (on loopback about 15 µs,
+whatever its size; see docs/benchmarks.md), so with a *delivery window* (``window``,
+``CHAT_DELIVERY_WINDOW_MS``) the hub writes to each recipient at most once per window:
+what is published less than a window after the last write waits in the links
+(:meth:`~chat_server.connections.Link.defer_framed`) until the window ends, and several
+commits share one write. The price is latency: at most one window, and only under
+continuous traffic (whatever comes after a quiet spell goes at once). The senders of a
+batch get their acks at once, with whatever waited for them. A link sends what waited
+before anything written to it later, so the order each recipient sees never changes;
+slow readers are checked when the window ends.
+
 A member may be *holding*: while its session sends a catch-up (history or a replay) from
 the store, live frames for it are kept in order in ``member.hold`` and written after the
 catch-up, so nothing falls between the stored past and the live stream. The catch-up
@@ -23,7 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from chat_protocol import CloseCode
-from chat_server.connections import Link
+from chat_server.connections import Link, frame_text
 from chat_server.messages import StoredMessage
 
 log = logging.getLogger(__name__)
@@ -122,8 +135,16 @@ class Delivered:
 
 
 class Hub:
-    def __init__(self, buffer_limit: int) -> None:
+    def __init__(self, buffer_limit: int, window: float = 0.0) -> None:
         self.buffer_limit = buffer_limit
+        #: The delivery window in seconds (0: every batch is written as it is published).
+        self.window = window
+        #: Members whose links hold frames until the window ends.
+        self._waiting: dict[Member, None] = {}
+        #: The timer that ends the window (None: no window open).
+        self._window_end: asyncio.TimerHandle | None = None
+        #: Loop time of the last write to all recipients: a window starts there.
+        self._written = float("-inf")
         self.online: dict[str, Member] = {}
         self.rooms: dict[str, dict[str, Member]] = {}
         #: Nicks in case-insensitive order, per room and (under None) of everyone online,
@@ -262,33 +283,76 @@ class Hub:
         """Write one encoded frame to every recipient (or to its hold)."""
         self.publish_many([(recipients, data, message)])
 
-    def publish_many(self, items: Iterable[Delivery]) -> None:
-        """Write several frames, in order; each recipient gets all of its frames in one write.
+    def publish_many(self, items: Iterable[Delivery], now: Iterable[Member] = ()) -> None:
+        """Write several frames, in order; each recipient gets all of its frames in one
+        write, now or when the delivery window ends. Members in ``now`` (the senders
+        waiting for their acks) are written at once in any case.
 
-        A batch committed together (and its acks) thus costs one socket write per
-        recipient, not one per message per recipient.
+        A batch committed together (and its acks) thus costs at most one socket write per
+        recipient, not one per message per recipient; and each frame is framed once, not
+        once per recipient.
         """
         queues: dict[Member, list[bytes]] = {}
         held: list[Member] = []
         for recipients, data, message in items:
+            framed: bytes | None = None  # framed once, for all its recipients
             for member in recipients:
                 if member.hold is None:
+                    if framed is None:
+                        framed = frame_text(data)
                     frames = queues.get(member)
                     if frames is None:
-                        queues[member] = [data]
+                        queues[member] = [framed]
                     else:
-                        frames.append(data)
+                        frames.append(framed)
                 else:
                     member.hold.append(data, message)
                     held.append(member)
         limit = self.buffer_limit
-        for member, frames in queues.items():
-            link = member.link
-            link.write(frames)
-            if link.buffered() > limit:
-                self.drop(member)
+        if self.window and self._in_window():
+            # Their frames wait in their links; the limit is checked when they are sent.
+            waiting = self._waiting
+            for member, frames in queues.items():
+                member.link.defer_framed(frames)
+                waiting[member] = None
+            for member in now:
+                link = member.link
+                link.flush()
+                if link.buffered() > limit:
+                    self.drop(member)
+        else:
+            for member, frames in queues.items():
+                link = member.link
+                link.write_framed(frames)
+                if link.buffered() > limit:
+                    self.drop(member)
         for member in held:
             self.check(member)
+
+    def _in_window(self) -> bool:
+        """Whether what is published now waits for a window's end (starting one if the
+        last write was less than a window ago); False: write now, and a window starts."""
+        if self._window_end is not None:
+            return True
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self._written >= self.window:
+            self._written = now
+            return False
+        self._window_end = loop.call_at(self._written + self.window, self._end_window)
+        return True
+
+    def _end_window(self) -> None:
+        """Send what waited, one write per member; drop those now over the limit."""
+        self._window_end = None
+        self._written = asyncio.get_running_loop().time()
+        members, self._waiting = self._waiting, {}
+        limit = self.buffer_limit
+        for member in members:
+            link = member.link
+            link.flush()
+            if link.buffered() > limit:
+                self.drop(member)
 
     def check(self, member: Member) -> None:
         """Drop a member whose unsent live data passed the limit.

@@ -13,15 +13,29 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.extensions.permessage_deflate import (
+    ClientPerMessageDeflateFactory,
+    ServerPerMessageDeflateFactory,
+)
 from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
 
-from chat_server.connections import Connection, Message, WebSocketServer, text_frames
+from chat_server.connections import (
+    Connection,
+    Message,
+    WebSocketServer,
+    _payload,
+    frame_text,
+    text_frames,
+)
 
 
 class App:
@@ -87,6 +101,23 @@ class Recorder:
         elif message.startswith("bulk:"):
             _, count, size, drain = message.split(":")
             self._start(self._bulk(int(count), int(size), drain == "drain"))
+        elif message.startswith("framed:"):  # framed once, as the hub does for a room
+            sizes = [int(size) for size in message.split(":")[1].split(",")]
+            self.connection.write([b"before"])
+            self.connection.write_framed([frame_text(b"\xc3\xa9" * (n // 2)) for n in sizes])
+            self.connection.write([b"after"])
+        elif message.startswith("defer:"):  # frames kept back, then something else
+            _, then = message.split(":")
+            before = self.connection.buffered()
+            self.connection.defer_framed([frame_text(b"kept 1"), frame_text(b"kept 2")])
+            kept = self.connection.buffered() - before
+            if then == "write":
+                self.connection.write([b"kept %d bytes" % kept])
+            elif then == "flush":
+                self.connection.flush()
+                self.connection.write([b"flushed"])
+            elif then == "close":
+                self.connection.close(1000, "bye")
         elif message.startswith("limit:"):  # write until too much waits, as the hub does
             _, count, size, limit = message.split(":")
             frame = b"x" * int(size)
@@ -540,6 +571,114 @@ async def test_keepalive_keeps_answering_clients_and_closes_silent_ones_with_101
             assert await alive.recv() == "alive"
             silent.transport.resume_reading()
             assert await closed_code(silent) == 1011
+
+
+# --- writing: frames framed once for many connections ----------------------------------------
+
+#: Payload lengths around each of the three header sizes (7-bit, 16-bit, 64-bit length).
+FRAME_SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70000]
+
+
+def opened_pair(offer_deflate: bool) -> tuple[ClientProtocol, ServerProtocol]:
+    """A client and a server Sans-I/O protocol after an in-memory handshake; the server
+    offers permessage-deflate only when ``offer_deflate`` (the chat server never does)."""
+    client = ClientProtocol(
+        parse_uri("ws://127.0.0.1/"), extensions=[ClientPerMessageDeflateFactory()]
+    )
+    server = ServerProtocol(
+        extensions=[ServerPerMessageDeflateFactory()] if offer_deflate else None
+    )
+    client.send_request(client.connect())
+    server.receive_data(b"".join(client.data_to_send()))
+    (request,) = server.events_received()
+    server.send_response(server.accept(cast(Request, request)))
+    client.receive_data(b"".join(server.data_to_send()))
+    client.events_received()
+    return client, server
+
+
+@pytest.mark.parametrize("size", FRAME_SIZES)
+def test_frame_text_is_what_websockets_sends_on_a_connection_without_extensions(
+    size: int,
+) -> None:
+    client, server = opened_pair(offer_deflate=False)
+    assert not server.extensions and not client.extensions
+    data = ("é" * size).encode()[:size]
+    framed = frame_text(data)
+    server.send_text(data)
+    assert framed == b"".join(server.data_to_send())
+    assert _payload(framed) == data
+    client.receive_data(framed)
+    (frame,) = client.events_received()
+    assert isinstance(frame, Frame) and frame.opcode is Opcode.TEXT and frame.fin
+    assert frame.data == data
+
+
+async def test_framed_frames_reach_the_client_in_order_with_other_writes() -> None:
+    sizes = [2, 126, 65536, 70000, 0]
+    async with layer() as (server, _), connect(ws_url(server), max_size=2**20) as ws:
+        assert ws.protocol.extensions == [], "the layer negotiates no extension by default"
+        await ws.send("framed:" + ",".join(map(str, sizes)))
+        assert await ws.recv() == "before"
+        for size in sizes:
+            assert await ws.recv() == "é" * (size // 2)
+        assert await ws.recv() == "after"
+
+
+async def test_deferred_frames_go_before_whatever_is_written_after_them() -> None:
+    async with layer() as (server, _), connect(ws_url(server)) as ws, asyncio.timeout(5):
+        await ws.send("defer:write")
+        assert [await ws.recv() for _ in range(3)] == ["kept 1", "kept 2", "kept 16 bytes"]
+        await ws.send("defer:flush")
+        assert [await ws.recv() for _ in range(3)] == ["kept 1", "kept 2", "flushed"]
+        await ws.send("echo")  # nothing was left behind
+        assert await ws.recv() == "echo"
+        await ws.send("defer:close")
+        assert [await ws.recv() for _ in range(2)] == ["kept 1", "kept 2"]
+        assert await closed_code(ws) == 1000
+
+
+async def deflate_client(port: int, request: str) -> tuple[list[str], int]:
+    """Connect offering permessage-deflate, send one text message, read until "after":
+    the text messages received, and how many bytes they took on the wire."""
+    client = ClientProtocol(
+        parse_uri(f"ws://127.0.0.1:{port}/"), extensions=[ClientPerMessageDeflateFactory()]
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        client.send_request(client.connect())
+        writer.write(b"".join(client.data_to_send()))
+        async with asyncio.timeout(5):
+            while not client.events_received():  # the handshake's response
+                client.receive_data(await reader.read(65536))
+            client.send_text(request.encode())
+            writer.write(b"".join(client.data_to_send()))
+            texts: list[str] = []
+            wire = 0
+            while not texts or texts[-1] != "after":
+                data = await reader.read(65536)
+                assert data, "the server closed the connection"
+                wire += len(data)
+                client.receive_data(data)
+                texts += [e.data.decode() for e in client.events_received() if isinstance(e, Frame)]
+        return texts, wire
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("deflate", [False, True])
+async def test_a_connection_with_compression_compresses_framed_frames(deflate: bool) -> None:
+    """Pre-framed bytes are for connections without extensions; a connection that
+    negotiated permessage-deflate gets each payload framed (and compressed) for it."""
+    sizes = [100, 60000, 70000]
+    extensions = [ServerPerMessageDeflateFactory()] if deflate else None
+    async with layer(extensions=extensions) as (server, _):
+        texts, wire = await deflate_client(server.port, "framed:" + ",".join(map(str, sizes)))
+    assert texts == ["before", *("é" * (size // 2) for size in sizes), "after"]
+    if deflate:
+        assert wire < 2000, f"{wire} bytes on the wire: not compressed"
+    else:
+        assert wire > sum(sizes), "without extensions the frames go as they are"
 
 
 # --- writing: pacing and slow readers ------------------------------------------------------

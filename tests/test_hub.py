@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chat_server.fanout import Hub
+from chat_server.config import parse_config
+from chat_server.connections import frame_text
+from chat_server.fanout import Hold, Hub
 
 
 @dataclass(eq=False)
@@ -92,3 +96,106 @@ def test_a_cluster_page_of_members_merges_this_replica_and_the_others() -> None:
     assert hub.member_page("a", "eve", 2) == (["frank"], False)
     assert hub.count("a") == 5 and hub.is_online("carol") and not hub.is_online("zed")
     assert hub.members("b") == []
+
+
+@dataclass(eq=False)
+class RecordingLink:
+    """A link that keeps its socket writes. Like a connection, it sends what was deferred
+    before anything written later. A ``stuck`` one is never read: what it writes stays
+    unsent."""
+
+    writes: list[list[bytes]] = field(default_factory=list)
+    deferred: list[bytes] = field(default_factory=list)
+    unsent: int = 0
+    stuck: bool = False
+
+    def write_framed(self, frames: list[bytes]) -> None:
+        self.writes.append([*self.deferred, *frames])
+        self.deferred = []
+        if self.stuck:
+            self.unsent += sum(map(len, self.writes[-1]))
+
+    def defer_framed(self, frames: list[bytes]) -> None:
+        self.deferred += frames
+
+    def flush(self) -> None:
+        if self.deferred:
+            self.write_framed([])
+
+    def buffered(self) -> int:
+        return self.unsent + sum(map(len, self.deferred))
+
+
+@dataclass(eq=False)
+class LinkedMember(FakeMember):
+    kicked: list[tuple[int, str]] = field(default_factory=list)
+
+    def kick(self, code: int, reason: str) -> None:
+        self.kicked.append((code, reason))
+
+
+def test_a_batch_is_framed_once_and_written_once_per_recipient_in_order() -> None:
+    hub = Hub(buffer_limit=1000)
+    alice, bob, slow = (LinkedMember(n, link=RecordingLink()) for n in ("alice", "bob", "slow"))
+    holding = LinkedMember("carol", link=RecordingLink(), hold=Hold())
+    slow.link.unsent = 1001
+    everyone = [alice, bob, holding, slow]
+    hub.publish_many(
+        [(everyone, b'"one"', None), ([alice], b'"ack"', None), (everyone, b'"two"', None)]
+    )
+    one, ack, two = (frame_text(data) for data in (b'"one"', b'"ack"', b'"two"'))
+    assert alice.link.writes == [[one, ack, two]]
+    assert bob.link.writes == [[one, two]]
+    # Framed once: every recipient is given the same bytes, not a copy of its own.
+    assert alice.link.writes[0][0] is bob.link.writes[0][0] is slow.link.writes[0][0]
+    # A member in its catch-up keeps the payloads in order, for later, and writes nothing.
+    assert holding.link.writes == [] and holding.hold is not None
+    assert holding.hold.frames == [(b'"one"', None), (b'"two"', None)]
+    # Over the limit after its write: dropped as too slow; the others are not.
+    assert slow.kicked and slow.kicked[0][0] == 1008
+    assert not alice.kicked and not bob.kicked
+
+
+async def test_within_the_delivery_window_batches_wait_and_share_one_write() -> None:
+    window = 0.05
+    hub = Hub(buffer_limit=1000, window=window)
+    alice, bob, slow = (LinkedMember(n, link=RecordingLink()) for n in ("alice", "bob", "slow"))
+    room = [alice, bob, slow]
+    one, two, three, ack = (frame_text(b'"%s"' % w) for w in (b"one", b"two", b"three", b"ack"))
+    slow.link.stuck, slow.link.unsent = True, 1000 - len(one)  # at the limit after "one"
+    hub.publish_many([(room, b'"one"', None)])
+    # The first batch after a quiet spell is written at once, and a window starts.
+    assert bob.link.writes == [[one]]
+    hub.publish_many([(room, b'"two"', None)])
+    hub.publish_many([(room, b'"three"', None), ([alice], b'"ack"', None)], now=[alice])
+    # Within the window: the batches wait, but a sender gets its ack at once, with
+    # what waited for it, in order.
+    assert bob.link.writes == [[one]]
+    assert alice.link.writes == [[one], [two, three, ack]]
+    assert not slow.kicked, "what waits is checked when it is sent"
+    await asyncio.sleep(window * 2)
+    # The window ended: one write each for the two batches; a slow reader is dropped.
+    assert bob.link.writes == [[one], [two, three]]
+    assert alice.link.writes == [[one], [two, three, ack]]
+    assert slow.kicked and slow.kicked[0][0] == 1008
+    assert not bob.kicked and not alice.kicked
+    # After a quiet spell, at once again.
+    await asyncio.sleep(window * 2)
+    hub.publish_many([([bob], b'"one"', None)])
+    assert bob.link.writes == [[one], [two, three], [one]]
+
+
+def test_without_a_window_every_batch_is_written_at_once() -> None:
+    hub = Hub(buffer_limit=1000, window=0.0)  # and no event loop needed
+    bob = LinkedMember("bob", link=RecordingLink())
+    for data in (b'"one"', b'"two"'):
+        hub.publish_many([([bob], data, None)])
+    assert bob.link.writes == [[frame_text(b'"one"')], [frame_text(b'"two"')]]
+
+
+def test_the_delivery_window_setting() -> None:
+    assert parse_config([], {}).delivery_window_ms == 10.0
+    assert parse_config([], {"CHAT_DELIVERY_WINDOW_MS": "0"}).delivery_window_ms == 0.0
+    assert parse_config(["--delivery-window-ms", "2.5"], {}).delivery_window_ms == 2.5
+    with pytest.raises(SystemExit):
+        parse_config(["--delivery-window-ms", "-1"], {})
