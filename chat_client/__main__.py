@@ -243,11 +243,11 @@ class ChatClient:
         return self.connection.synced
 
     async def _drain(self) -> None:
-        """Wait until every message is acknowledged (or refused) and every ``/join``
+        """Wait until every message is acknowledged (or refused) and every command
         answered, at most ``--wait`` s."""
         deadline = self._deadline()
         connection = self.connection
-        while (connection.outbox or connection.joining) and not self.quit.is_set():
+        while (connection.outbox or connection.unanswered) and not self.quit.is_set():
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.05)
@@ -258,10 +258,14 @@ class ChatClient:
         problems = [f"{reason}" for reason in self.connection.refused.values()]
         problems += ["refused before sending"] * self.controller.refused_lines
         problems += self.controller.refused_commands
+        connection = self.connection
         problems += [
             f"/join #{room} not answered within {self.config.wait:g}s"
-            for room in sorted(self.connection.joining)
+            for room in sorted(connection.rejoining)
         ]
+        if connection.awaiting:
+            unanswered = len(connection.awaiting)
+            problems.append(f"{unanswered} command(s) not answered within {self.config.wait:g}s")
         waiting = len(self.connection.outbox)
         if waiting or unsent_line:
             count = f"{waiting or 'a'} message{'s' if waiting > 1 else ''}"

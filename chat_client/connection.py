@@ -253,9 +253,13 @@ class ChatConnection:
         #: Rooms given up because the server refused them (a ``join`` or the ``hello``),
         #: with the server's reason; the UI closes their windows and says why.
         self.dropped_rooms: dict[str, str] = {}
-        #: Rooms asked for with ``join`` on this connection and not yet answered (line
-        #: mode waits for them before it exits, to report a refusal).
-        self.joining: set[str] = set()
+        #: The refs of requests sent on this connection and not answered yet (line mode
+        #: waits for the answers before it exits: to print them, or to report a refusal).
+        self.awaiting: set[str] = set()
+        #: Rooms whose ``join`` the server rate-limited: asked again after ``retry_after``;
+        #: messages to them wait for the ``joined`` (sent now they would be refused).
+        self.rejoining: set[str] = set()
+        self._refs = itertools.count(1)
         self._out: dict[str, _Outgoing] = {}
         self._jobs: list[tuple[int, str, Frame | None]] = []  # (seq, cid or "", request)
         self._wake = asyncio.Event()
@@ -324,11 +328,25 @@ class ChatConnection:
         return not out.sent
 
     def request(self, frame: Frame) -> bool:
-        """Send a request now; False when offline (requests are not queued)."""
+        """Send a request now; False when offline (requests are not queued). Its answer
+        is awaited by its ``ref`` (one is given if it has none)."""
         if not self.synced:
             return False
+        ref = frame.setdefault("ref", f"q{next(self._refs)}")
+        self.awaiting.add(str(ref))
         self._push(frame)
         return True
+
+    def is_parked(self, cid: str) -> bool:
+        """Whether this message waits for its room's rate-limited ``join`` (a refusal
+        that came for it meanwhile is not its fate: it is sent again once joined)."""
+        out = self._out.get(cid)
+        return out is not None and not out.inflight and out.frame.get("room") in self.rejoining
+
+    @property
+    def unanswered(self) -> bool:
+        """Whether a request (or a rate-limited ``join``) still waits for its answer."""
+        return bool(self.awaiting or self.rejoining)
 
     def join(self, room: str) -> None:
         """Be in ``room``: now if connected, else from the next ``hello``.
@@ -344,17 +362,16 @@ class ChatConnection:
                     "/leave one first"
                 )
             self.rooms.append(room)
-        if self.request({"type": "join", "room": room, "ref": f"join:{room}"}):
-            self.joining.add(room)
+        self.request({"type": "join", "room": room, "ref": f"join:{room}"})
 
     def _join_again(self, room: str) -> None:
         """A ``join`` the server rate-limited, asked again once allowed (offline, the
         next ``hello`` asks for the room anyway)."""
-        if room not in self.joining:
+        if room not in self.rejoining:
             return
         frame: Frame = {"type": "join", "room": room, "ref": f"join:{room}"}
         if room not in self.rooms or not self.request(frame):
-            self.joining.discard(room)
+            self.rejoining.discard(room)  # left, or offline: the next hello asks for it
 
     def leave(self, room: str) -> None:
         if room in self.rooms:
@@ -463,7 +480,8 @@ class ChatConnection:
             finally:
                 self._ws = None
                 self.welcomed = self.synced = False
-                self.joining.clear()
+                self.awaiting.clear()
+                self.rejoining.clear()
                 self._jobs.clear()
                 for out in self._out.values():
                     out.inflight = False
@@ -548,7 +566,7 @@ class ChatConnection:
 
     def _ready(self, cid: str) -> None:
         out = self._out.get(cid)
-        if out is None or not self.synced:
+        if out is None or not self.synced or out.frame.get("room") in self.rejoining:
             return
         out.timer = None
         heapq.heappush(self._jobs, (out.seq, cid, None))
@@ -612,6 +630,9 @@ class ChatConnection:
     def _track(self, frame: Frame) -> None:
         """Keep what a reconnect needs, before the UI sees the frame."""
         kind = frame["type"]
+        ref = frame.get("ref")
+        if isinstance(ref, str):
+            self.awaiting.discard(ref)
         if kind == "msg":
             self._seen(frame)
         elif kind == "history":
@@ -626,9 +647,13 @@ class ChatConnection:
             self._renamed(frame)
         elif kind == "joined":
             room = str(frame["room"])
-            self.joining.discard(room)
             if room not in self.rooms:
                 self.rooms.append(room)
+            if room in self.rejoining:
+                self.rejoining.discard(room)
+                for cid, out in self._out.items():
+                    if out.frame.get("room") == room and not out.inflight:
+                        self._ready(cid)
         elif kind == "synced":
             self.synced = True
             self._status(LinkState.CONNECTED)
@@ -690,10 +715,11 @@ class ChatConnection:
         message = str(frame.get("message", code))
         if isinstance(ref, str) and ref.startswith("join:") and code == "rate_limited":
             wait = retry_after if isinstance(retry_after, int | float) else 1.0
+            self.rejoining.add(ref[5:])
             asyncio.get_running_loop().call_later(float(wait), self._join_again, ref[5:])
         elif isinstance(ref, str) and ref.startswith("join:"):
             room = ref[5:]  # refused for good: we are not in it (nor in the next hello)
-            self.joining.discard(room)
+            self.rejoining.discard(room)
             if room in self.rooms:
                 self.rooms.remove(room)
             self.dropped_rooms[room] = message
@@ -723,6 +749,8 @@ class ChatConnection:
             return
         out = self._out[cid]
         out.inflight = False
+        if code == "not_in_room" and out.frame.get("room") in self.rejoining:
+            return  # sent before the join's refusal came: again once joined
         out.attempts += 1
         if code == "rate_limited":
             self._ready(cid)  # the pacer holds it back until retry_after

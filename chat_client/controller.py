@@ -76,8 +76,10 @@ class Controller:
             if kind == "error" and frame.get("code") != "rate_limited":
                 self.on_change()
                 return  # said, with the rooms it was about
-        self.model.apply(frame)
         cid = frame.get("cid")
+        if kind == "error" and isinstance(cid, str) and self.connection.is_parked(cid):
+            return  # sent before its room's join was put off: sent again once joined
+        self.model.apply(frame)
         if kind == "error" and isinstance(cid, str) and cid in self.connection.refused:
             self.model.fail_pending(cid, self.connection.refused[cid])
         if kind in ("joined", "left") and self.settings is not None and self.interactive:

@@ -218,16 +218,45 @@ def test_a_rate_limited_join_is_asked_again_and_line_mode_waits_for_it(
     db: Path, tmp_path: Path
 ) -> None:
     """A ``join`` refused as ``rate_limited`` is asked again after ``retry_after`` (the
-    window is not left open on a room the server never put us in), and line mode does
-    not exit at the end of its input while a ``/join`` is unanswered."""
+    window is not left open on a room the server never put us in); a line typed for the
+    room meanwhile waits for the join (sent at once, the server refuses it: found by an
+    outside tester), and line mode does not exit while a ``/join`` is unanswered."""
     with server(db, "--catchup-rate", "0.25", "--catchup-burst", "2") as proc:
         command = line_client_command(proc.url, "carol", tmp_path)
         joined = subprocess.run(
-            command, input="/join extra\n", capture_output=True, text=True, timeout=30
+            command,
+            input="/join extra\nposted to extra\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
     assert joined.returncode == 0, joined.stderr
     assert "slow down" in joined.stdout
-    assert "#extra -- #extra: 1 here: carol" in joined.stdout, joined.stdout
+    assert "not delivered" not in joined.stdout
+    lines = joined.stdout.splitlines()
+    at = [n for n, line in enumerate(lines) if "#extra -- #extra: 1 here: carol" in line]
+    said = [n for n, line in enumerate(lines) if "#extra <carol> posted to extra" in line]
+    assert at and said and at[0] < said[0], joined.stdout
+
+
+def test_line_mode_prints_the_answers_to_its_commands_before_it_exits(
+    db: Path, tmp_path: Path
+) -> None:
+    """Input that ends right after ``/who``, ``/rooms`` and ``/whois`` still gets their
+    answers printed: line mode waits for every command's answer, not only for acks
+    (found by an outside tester: it printed none of them)."""
+    with server(db) as proc:
+        command = line_client_command(proc.url, "dave", tmp_path)
+        done = subprocess.run(
+            command,
+            input="/who lobby\n/rooms\n/whois nobody\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == 0, done.stderr
+    assert "rooms: #lobby (1)" in done.stdout, done.stdout
+    assert "nobody is not online" in done.stdout, done.stdout
 
 
 async def test_closing_a_window_never_throws_unsent_lines_away(db: Path, tmp_path: Path) -> None:
