@@ -340,6 +340,7 @@ class Controller:
     def _join(self, args: str) -> bool:
         room = self._room(args)
         if room is None:
+            self.refused_commands.append(f"not joined: {args or '(no room)'} is not a room name")
             return False
         try:
             self.connection.join(room)

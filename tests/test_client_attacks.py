@@ -212,6 +212,12 @@ def test_line_mode_says_why_and_fails_a_refused_join(db: Path, tmp_path: Path) -
         )
         assert joined.returncode == 3, joined.stderr
         assert "not joined #extra" in joined.stderr
+        named = line_client_command(proc.url, "erin", tmp_path / "e")
+        bad = subprocess.run(
+            named, input="/join -bad\n", capture_output=True, text=True, timeout=30
+        )
+        assert bad.returncode == 3, bad.stderr  # refused before sending: refused all the same
+        assert "-bad is not a room name" in bad.stderr
 
 
 def test_a_rate_limited_join_is_asked_again_and_line_mode_waits_for_it(
