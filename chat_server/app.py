@@ -221,13 +221,16 @@ class ChatServer:
         """Fan a committed batch out in id order, then each sender's answers in order."""
         hub = self.hub
         deliveries: list[Delivery] = []
-        delivered = fresh = acks = 0
+        delivered = fresh = acks = newest = 0
         # In a cluster every replica delivers messages from the ordered stream
         # (chat_server.cluster), its own commits included; here only the answers.
         if self.cluster is None:
             fresh_messages = [r.message for r in results if r.fresh]
             if self.ctx.recent is not None:
                 self.ctx.recent.committed(fresh_messages)
+            # Fresh messages come in id order; a retry's id was delivered long ago.
+            if fresh_messages:
+                newest = fresh_messages[-1].id
             deliveries, delivered = hub.deliveries(
                 fresh_messages,
                 self.ctx.presence.before_messages,
@@ -244,8 +247,8 @@ class ChatServer:
         for session in answered:
             deliveries.extend(([session], data, None) for data in session.ready())
         hub.publish_many(deliveries, now=answered)
-        if self.cluster is None and results:
-            self.ctx.delivered.advance(max(r.message.id for r in results))
+        if self.cluster is None:
+            self.ctx.delivered.advance(newest)
         metrics.MESSAGES.inc(fresh)
         metrics.ACKS.inc(acks)
         metrics.DELIVERIES.inc(delivered)
