@@ -194,14 +194,15 @@ def idle_one(gen: Generator, kind: str, connections: int) -> Result:
 def idle_cluster(gen: Generator, args: argparse.Namespace) -> Result:
     """``--idle`` connections over ``--replicas`` fresh replicas on one PostgreSQL (in a
     container), each replica on the server's core with the single server's flags."""
-    pg = Postgres(args.postgres_image, f"max_connections={20 * args.replicas + 40}")
+    settings = [f"max_connections={20 * args.replicas + 40}", *args.postgres_settings]
+    pg = Postgres(args.postgres_image, *settings, host_network=True)
     replicas: list[Replica] = []
     try:
         url = asyncio.run(pg.database())
         for _ in range(args.replicas):
             replicas.append(start_replica(url, *CHAT_ARGS, *IDLE_ARGS))
             pin(replicas[-1].pid, [SERVER_CPU])
-        result = idle(gen, replicas, connections=args.idle, database=pg.memory)
+        result = idle(gen, replicas, connections=args.idle, database=pg.memory, hellos=args.hellos)
     finally:
         for replica in replicas:
             replica.stop()
@@ -465,6 +466,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         "are measured holding one replica's share",
     )
     parser.add_argument("--postgres-image", default=os.environ.get("POSTGRES_IMAGE", "postgres:17"))
+    parser.add_argument(
+        "--postgres-settings",
+        type=lambda text: [s for s in text.split(",") if s],
+        default=[],
+        help="idle with --replicas: PostgreSQL settings (name=value,...) for its container",
+    )
+    parser.add_argument(
+        "--hellos",
+        type=int,
+        default=16,
+        help="idle with --replicas: most hellos waiting for synced per replica (16)",
+    )
     parser.add_argument("--memory", type=int, default=3000, help="connections under tracemalloc")
     parser.add_argument(
         "--memory-settle",

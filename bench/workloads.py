@@ -254,11 +254,23 @@ class Server(Protocol):
 
 
 def open_idle(
-    gen: Generator, servers: Sequence[Server], ids: range, rooms: list[str], tag: str
+    gen: Generator,
+    servers: Sequence[Server],
+    ids: range,
+    rooms: list[str],
+    tag: str,
+    hellos: int | None = None,
 ) -> tuple[int, list[str]]:
     """Open idle clients ``ids``, client ``i`` on ``servers[i % len(servers)]``, each from
     its process's own source address; returns how many handshakes had to be retried, and
-    some of the reasons. The servers are filled at once, side by side."""
+    some of the reasons. The servers are filled at once, side by side.
+
+    Each server gets about 100 handshakes at a time over all processes (asyncio's listen
+    backlog, so that no listen queue overflows), and their hellos as they come: one
+    server groups the nicks' registrations in its commits. With ``hellos``, at most that
+    many clients per server are between their handshake and ``synced``: a replica's
+    hello waits for PostgreSQL (several round trips on one of its few connections), and
+    thousands waiting at once would run into its query timeout."""
     pending = []
     for w, mine in enumerate(gen.split(ids)):
         for s, server in enumerate(servers):
@@ -275,9 +287,8 @@ def open_idle(
                         tag=tag,
                         senders=0,
                         sources=[SOURCES[w % len(SOURCES)]],
-                        # Handshakes in flight per server, over all processes: about its
-                        # listen backlog (asyncio's default, 100), so that no queue overflows.
-                        concurrency=max(10, 100 // gen.size),
+                        concurrency=max(1, (hellos or 100) // gen.size),
+                        gate_hello=hellos is not None,
                         retries=2,
                     ),
                 )
@@ -297,6 +308,7 @@ def idle(
     connections: int,
     per_room: int = 100,
     database: Callable[[], dict[str, float]] | None = None,
+    hellos: int | None = None,
 ) -> Result:
     """Many idle connections (each said hello and sits in a room): server memory.
 
@@ -322,10 +334,10 @@ def idle(
 
     settle = min(2.0, 0.2 + connections / count / 5000)  # for the servers' last writes and frees
     try:
-        retried, reasons = open_idle(gen, servers, range(first), rooms, "i")
+        retried, reasons = open_idle(gen, servers, range(first), rooms, "i", hellos)
         time.sleep(settle)
         partial = [rss_bytes(s.pid) for s in servers]
-        more, why = open_idle(gen, servers, range(first, connections), rooms, "i")
+        more, why = open_idle(gen, servers, range(first, connections), rooms, "i", hellos)
         retried, reasons = retried + more, reasons + why
         open_s = time.monotonic() - started
         time.sleep(settle)
