@@ -4,7 +4,9 @@ Workloads (``--workloads``, comma-separated; all by default):
 
   fanout       100 clients in one room, 5 msg/s each: CPU per delivery, latency
   saturation   raise the rate until p99 > 50 ms or anything is lost; who saturated
-  idle         many idle connections: server RSS per connection
+  idle         many idle connections: server RSS per connection; with --replicas K, held
+               by K replicas on PostgreSQL (a container) where one process cannot hold
+               them all, the relay and the SQLite server measured at one replica's share
   memory       tracemalloc of the server: an idle connection's bytes by site and type
   persistence  acknowledged messages/s, the storage-only limit, a profile of the server
   storm        clients reconnect at once with resume after a restart
