@@ -293,7 +293,10 @@ def open_idle(
                     ),
                 )
             )
-    opened = [gen.result(w, ident) for w, ident in pending]
+    # A cluster registers on the order of a hundred hellos a second here: give each
+    # process at least 20 a second before taking it for stuck.
+    timeout = max(600.0, len(ids) / gen.size / 20)
+    opened = [gen.result(w, ident, timeout) for w, ident in pending]
     failed = sum(o["error_count"] for o in opened)
     if failed:
         errors = [e for o in opened for e in o["errors"]]
