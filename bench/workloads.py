@@ -293,9 +293,9 @@ def open_idle(
                     ),
                 )
             )
-    # A cluster registers on the order of a hundred hellos a second here: give each
-    # process at least 20 a second before taking it for stuck.
-    timeout = max(600.0, len(ids) / gen.size / 20)
+    # A cluster registers on the order of a hundred hellos a second here (in all): take
+    # an open for stuck only below 20 a second.
+    timeout = max(600.0, len(ids) / 20)
     opened = [gen.result(w, ident, timeout) for w, ident in pending]
     failed = sum(o["error_count"] for o in opened)
     if failed:
