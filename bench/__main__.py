@@ -264,6 +264,12 @@ def report(results: list[Result], load: dict[str, Any]) -> str:
                 f"WARNING: {workload} {kind}: other processes took up to {others}% of the "
                 "server's core: the machine was not quiet, these figures measured it too"
             )
+        steal = max((w.get("host_steal_pct", 0.0) for w in windows), default=0.0)
+        if steal > NOISY_PCT:
+            lines.append(
+                f"WARNING: {workload} {kind}: the host took {steal}% of this machine's CPU "
+                "time (steal): these figures measured a busy host too"
+            )
     f_chat, f_base = by.get(("fanout", "chat")), by.get(("fanout", "relay"))
     if f_chat and f_base:
         # CPU time comes in clock ticks (procstat): a short run may see a whole side use
