@@ -2,10 +2,11 @@
 
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
-from bench import procstat, sendpath, storage
+from bench import procstat, reference, sendpath, storage
 
 
 def test_sendpath_times_every_piece() -> None:
@@ -49,3 +50,24 @@ def test_a_window_measures_its_processes_cores_and_the_hosts_steal() -> None:
 def _stolen() -> int:
     with open("/proc/stat") as file:
         return sum(int(line.split()[8]) for line in file if line[3].isdigit())
+
+
+def test_the_reference_round_is_timed_and_slower_when_the_core_is_shared() -> None:
+    alone = reference.measure(rounds=2_000, repeat=3)
+    assert 0 < alone < 10_000
+    # The same rounds while a second thread competes for the interpreter take longer:
+    # the figure measures the core this process gets, not a constant.
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    other = threading.Thread(target=spin)
+    other.start()
+    try:
+        shared = reference.measure(rounds=2_000, repeat=3)
+    finally:
+        stop.set()
+        other.join()
+    assert shared > alone
