@@ -1,8 +1,9 @@
 """How fast this machine's core is today: one fixed piece of Python, timed.
 
 The same code on the same virtual machine ran the persistence workload at 13.6k acked
-messages/s one night and 22.0k the next morning, both on a quiet machine with no steal
-time reported: the host's cores themselves were faster. So every benchmark run also
+messages/s one night and 22.0k the next morning, with other processes taking at most 5 %
+of the server's core both times: what changed was the host under the machine. So every
+benchmark run also
 times this fixed piece (JSON of a chat frame, the frame parsed back, a dict and a short
 string method per message: the kind of work the server does per message) on the
 server's core, and prints it next to the machine. Two runs' figures compare only as far
