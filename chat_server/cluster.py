@@ -113,6 +113,15 @@ class PresenceView:
     def is_online(self, key: str) -> bool:
         return self._elsewhere[key] > 0
 
+    def rooms_of(self, session: str) -> set[str]:
+        """The rooms a session is in, as the stream has told."""
+        live = self._sessions.get(session)
+        return set(live.rooms) if live is not None else set()
+
+    def has(self, room: str, nick_key: str) -> bool:
+        """Whether the nick is in the room on any replica, this one included."""
+        return self._has(room, nick_key)
+
     def sessions_of(self, replica: str) -> list[str]:
         return [s for s, live in self._sessions.items() if live.replica == replica]
 
@@ -276,6 +285,9 @@ class Cluster:
         self._keys: dict[Member, str] = {}  # local live session -> its session id
         self._members: dict[str, Member] = {}  # session id -> local live session
         self._stale: set[str] = set()  # session ids to remove from the online table
+        #: Sessions whose end this replica announced (their rooms saw them leave) and whose
+        #: offline event has not come back on the stream yet.
+        self._left: set[str] = set()
         self._ids = itertools.count(1)
         #: Per nick, the newest claim generation seen (see :meth:`online`).
         self._latest: dict[str, int] = {}
@@ -383,6 +395,7 @@ class Cluster:
                 self._publish(changes)
         mine = set(self.view.sessions_of(self.replica))
         self._stale |= mine - set(self._members)
+        self._left &= mine  # the others' offline events were missed: nothing to wait for
         for session, member in list(self._members.items()):
             if session not in mine:  # lost meanwhile (this replica was declared dead)
                 self._forget(member)
@@ -438,11 +451,19 @@ class Cluster:
             self._latest[event.nick_key] = event.gen
         elif event.kind == "offline" and self._latest.get(event.nick_key, 0) <= event.gen:
             self._latest.pop(event.nick_key, None)
+        if event.kind == "offline":
+            self._left.discard(event.session)
+        # Rooms told here that a replaced session of this replica left: its connection
+        # ended before the takeover arrived, and _depart announced the leave at once.
+        told_left: set[str] = set()
         for session, replica in event.replaced:
             if replica == self.replica:
                 self._stale.discard(session)
                 member = self._members.get(session)
-                if member is not None:
+                if session in self._left:
+                    self._left.discard(session)
+                    told_left |= self.view.rooms_of(session)
+                elif member is not None:
                     self._forget(member)
                     if self.hub.online.get(member.nick_key) is member:
                         self.hub.remove(member)  # silently: the nick stays where it was
@@ -456,7 +477,21 @@ class Cluster:
                 self._subscription.fail()
         changes = self.view.apply(event)
         if event.replica != self.replica:  # this replica's sessions announced their own
+            changes += self._back(event, told_left, changes)
             self._publish(changes)
+
+    def _back(
+        self, event: PresenceEvent, told_left: set[str], changes: list[Change]
+    ) -> list[Change]:
+        """Joins for the rooms whose members were told the nick left, where the session
+        that took over is: for the view nothing changed there (one session of the nick
+        replaced another), but this replica's members saw a leave."""
+        announced = {(room, nick) for room, _, nick, _ in changes}
+        return [
+            (room, "join", event.nick, None)
+            for room in sorted(told_left.intersection(event.rooms))
+            if (room, event.nick) not in announced and self.view.has(room, event.nick_key)
+        ]
 
     def _publish(self, changes: Iterable[Change]) -> None:
         """Queue presence from other replicas with this replica's own (coalesced per tick)."""
@@ -522,6 +557,7 @@ class Cluster:
             return
         self._forget(member)
         self._stale.add(session)
+        self._left.add(session)
         if not self._stopping:
             task = asyncio.create_task(self._remove_stale())
             self._background.add(task)

@@ -77,6 +77,9 @@ Covered = Callable[[StoredMessage], bool]
 #: Reply places waiting before the session stops reading more frames, and resumes.
 BACKLOG_HIGH = 256
 BACKLOG_LOW = 64
+#: A flooding connection is closed once every frame read before is answered; this long
+#: at most, if an answer waits for a database that does not answer.
+FLOOD_CLOSE_WITHIN = 15.0
 #: A replay smaller than this is kept from its first read instead of being read twice.
 REPLAY_KEEP_BYTES = 64 * 1024
 #: About how many bytes of a catch-up go to the socket in one write (a resume of 50 short
@@ -133,6 +136,7 @@ class Slot:
 class Session:
     # Slots: an idle connection's memory is mostly this object and its connection's.
     __slots__ = (
+        "answered",
         "bucket",
         "ctx",
         "gone",
@@ -167,6 +171,8 @@ class Session:
         self.queue: list[tuple[Slot, ClientFrame]] | None = None
         self.replies: list[Slot] | None = None
         self.worker: asyncio.Task[None] | None = None
+        #: While a flooding connection waits for its last answers: done when all are out.
+        self.answered: asyncio.Future[None] | None = None
 
     # --- the connection's life, as the link reports it ------------------------------------
 
@@ -177,8 +183,8 @@ class Session:
 
     def received(self, data: str | bytes) -> None:
         """One frame from the client: answer it at once or queue it for the worker."""
-        if self.gone:
-            return
+        if self.gone or self.strikes >= self.ctx.config.flood_strikes:
+            return  # gone, or flooding: closing once what came before is answered
         slot = Slot(self)
         replies = self.replies
         if replies is None:
@@ -218,6 +224,7 @@ class Session:
         """Cancel pending work and leave every room; nothing more is answered."""
         self.gone = True
         self.queue = self.replies = None
+        self._all_answered()
         self.link.resume_reading()
         if self.worker is not None:
             self.worker.cancel()
@@ -259,8 +266,9 @@ class Session:
         if wait:
             self.strikes += 1
             if self.strikes >= self.ctx.config.flood_strikes:
-                self.kick(CloseCode.POLICY, "flooding: too many frames over the rate limit")
-                return None
+                # Every frame read so far is answered (this one too), then the close.
+                self.link.pause_reading()
+                self.link.spawn(self._close_when_answered())
             refusal = ProtocolError(
                 ErrorCode.RATE_LIMITED,
                 "too many frames on this connection; slow down",
@@ -306,9 +314,28 @@ class Session:
                 turn.set_result(None)
         else:
             self.replies = None
-        if len(replies) <= BACKLOG_LOW:
+            self._all_answered()
+        if len(replies) <= BACKLOG_LOW and self.strikes < self.ctx.config.flood_strikes:
             self.link.resume_reading()
         return data
+
+    def _all_answered(self) -> None:
+        answered = self.answered
+        if answered is not None and not answered.done():
+            answered.set_result(None)
+
+    async def _close_when_answered(self) -> None:
+        """Close a flooding connection (1008) once every frame it sent before the last
+        strike has its answer on the way: acks of accepted sends included."""
+        if self.replies is not None:
+            self.answered = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(FLOOD_CLOSE_WITHIN):
+                    await self.answered
+            except TimeoutError:
+                pass
+            self.answered = None
+        self.kick(CloseCode.POLICY, "flooding: too many frames over the rate limit")
 
     async def _turn(self, slot: Slot) -> None:
         """Wait until every earlier request has been answered."""

@@ -410,6 +410,33 @@ async def test_flood_is_limited_then_disconnected(db: Path) -> None:
     assert isinstance(stored, int) and stored <= 8
 
 
+async def test_a_flood_in_one_burst_is_answered_frame_by_frame_before_the_close(db: Path) -> None:
+    """Frames pipelined past the last strike at once: every frame read before the close
+    gets its answer in order (the accepted sends their acks, and they are stored), then
+    1008; nothing read after the last strike is executed."""
+    async with server(db, rate=5.0, burst=5, flood_strikes=10) as chat:
+        async with peer(chat, "flood") as flood:
+            # Hello took one token: four accepted, ten over the rate (the tenth is the last
+            # strike), and six more behind them in the same burst.
+            for n in range(20):
+                try:
+                    await flood.send({"type": "send", "cid": f"f{n}", "room": "lobby", "body": "x"})
+                except ConnectionClosed:
+                    break
+            frames = []
+            try:
+                while True:
+                    frames.append(await flood.recv(5.0))
+            except ConnectionClosed as closed:
+                assert closed.rcvd is not None and closed.rcvd.code == 1008
+            frames = [f for f in frames if f["type"] in ("ack", "error")]
+            assert [f.get("cid") for f in frames] == [f"f{n}" for n in range(14)]
+            assert [f["type"] for f in frames] == ["ack"] * 4 + ["error"] * 10
+            assert all(f["code"] == "rate_limited" for f in frames[4:])
+    rows = await db_rows(db, "SELECT cid FROM messages WHERE sender_key = 'flood' ORDER BY id")
+    assert [row[0] for row in rows] == ["f0", "f1", "f2", "f3"]
+
+
 async def test_slow_reader_is_dropped_and_others_keep_up(db: Path) -> None:
     async with server(db, **{**NO_LIMITS, "send_buffer_limit": 256 * 1024}) as chat:
         # A tiny receive buffer so the kernel cannot absorb what the stuck reader ignores.
