@@ -4,7 +4,9 @@ Workloads (``--workloads``, comma-separated; all by default):
 
   fanout       100 clients in one room, 5 msg/s each: CPU per delivery, latency
   saturation   raise the rate until p99 > 50 ms or anything is lost; who saturated
-  idle         many idle connections: server RSS per connection
+  idle         many idle connections: server RSS per connection; with --replicas K, held
+               by K replicas on PostgreSQL (a container) where one process cannot hold
+               them all, the relay and the SQLite server measured at one replica's share
   memory       tracemalloc of the server: an idle connection's bytes by site and type
   persistence  acknowledged messages/s, the storage-only limit, a profile of the server
   storm        clients reconnect at once with resume after a restart
@@ -16,6 +18,7 @@ shared machine. The server runs on CPU 0; the generator's processes on the other
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import math
@@ -29,9 +32,17 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+from bench.cluster import Postgres, Replica, start_replica
 from bench.generator import SOURCES, Generator
 from bench.procstat import load_average
-from bench.targets import SERVER_CPU, Target, generator_cpus, pin, raise_nofile
+from bench.targets import (
+    CHAT_ARGS,
+    SERVER_CPU,
+    Target,
+    generator_cpus,
+    pin,
+    raise_nofile,
+)
 from bench.workloads import (
     IDLE_ARGS,
     Result,
@@ -189,16 +200,40 @@ def storm_run(gen: Generator, args: argparse.Namespace) -> Result:
 def idle_one(gen: Generator, kind: str, connections: int) -> Result:
     target = Target(kind, extra=IDLE_ARGS).start()  # fresh: its memory is the idle one's
     try:
-        return idle(gen, target, connections=connections)
+        return idle(gen, [target], connections=connections)
     finally:
         target.cleanup()
+
+
+def idle_cluster(gen: Generator, args: argparse.Namespace) -> Result:
+    """``--idle`` connections over ``--replicas`` fresh replicas on one PostgreSQL (in a
+    container), each with the single server's flags. Memory is measured here, not CPU:
+    the replicas are not pinned to the server's core, so that registering many thousands
+    of hellos, each of which every replica hears of, takes both cores."""
+    settings = [f"max_connections={20 * args.replicas + 40}", *args.postgres_settings]
+    pg = Postgres(args.postgres_image, *settings, host_network=True)
+    replicas: list[Replica] = []
+    try:
+        url = asyncio.run(pg.database())
+        for _ in range(args.replicas):
+            replicas.append(start_replica(url, *CHAT_ARGS, *IDLE_ARGS))
+        result = idle(gen, replicas, connections=args.idle, database=pg.memory, hellos=args.hellos)
+    finally:
+        for replica in replicas:
+            replica.stop()
+        pg.close()
+    return Result("idle", "cluster", result.figures)
 
 
 def idle_and_memory(gen: Generator, args: argparse.Namespace) -> list[Result]:
     results = []
     if "idle" in args.workloads:
+        # With replicas, the baselines hold what one replica holds.
+        single = math.ceil(args.idle / args.replicas)
         for kind in ("relay", "chat"):
-            results.append(guarded(gen, "idle", kind, partial(idle_one, gen, kind, args.idle)))
+            results.append(guarded(gen, "idle", kind, partial(idle_one, gen, kind, single)))
+        if args.replicas > 1:
+            results.append(guarded(gen, "idle", "cluster", partial(idle_cluster, gen, args)))
     if "memory" in args.workloads:
         warm = min(500, args.memory)
         results.append(
@@ -322,6 +357,9 @@ def report(results: list[Result], load: dict[str, Any]) -> str:
         ratio = s_chat["sustained_deliveries_per_s"] / s_base["sustained_deliveries_per_s"]
         lines.append(f"saturation deliveries/s chat/relay = {ratio:.2f}x")
     i_chat, i_base = by.get(("idle", "chat")), by.get(("idle", "relay"))
+    i_cluster = by.get(("idle", "cluster"))
+    if i_cluster:
+        lines.append(idle_cluster_report(i_cluster, i_chat, i_base))
     if i_chat and i_base:
         lines.append(
             f"idle: {i_chat['connections']} connections, marginal KiB/connection chat "
@@ -381,6 +419,46 @@ def report(results: list[Result], load: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def idle_cluster_report(
+    fig: dict[str, Any], single: dict[str, Any] | None, relay: dict[str, Any] | None
+) -> str:
+    per = fig.get("per_server", [])
+    marginal = [s["marginal_kib_per_connection"] for s in per]
+    lines = [
+        f"idle cluster: {fig['still_open']} of {fig['connections']} connections still open "
+        f"on {fig.get('servers', 1)} replicas on PostgreSQL, from {fig['generator_processes']} "
+        f"generator processes and {fig['source_addresses']} source addresses, opened in "
+        f"{fig['open_s']} s; RSS of all replicas {fig['rss_before_mib']} -> "
+        f"{fig['rss_after_mib']} MiB"
+    ]
+    for n, s in enumerate(per):
+        lines.append(
+            f"  replica {n}: {s['connections']} connections, RSS {s['rss_before_mib']} -> "
+            f"{s['rss_after_mib']} MiB, marginal {s['marginal_kib_per_connection']} KiB/connection"
+        )
+    if marginal:
+        mean = sum(marginal) / len(marginal)
+        against = []
+        for name, other in (("SQLite server", single), ("relay", relay)):
+            if other and (theirs := other["marginal_kib_per_connection"]):
+                against.append(f"{name} {theirs} (replica/{name}: {mean / theirs:.2f}x)")
+        count = (single or relay or {}).get("connections")
+        lines.append(
+            f"  marginal KiB/connection per replica: mean {mean:.2f}, against one process "
+            f"holding {count} in the same run: {', '.join(against) or 'n/a'}"
+        )
+    database = [k[len("database_") : -len("_before")] for k in fig if k.endswith("_before")]
+    if database:
+        lines.append(
+            "  PostgreSQL (its container): "
+            + ", ".join(
+                f"{k} {fig[f'database_{k}_before']} -> {fig[f'database_{k}_after']} MiB"
+                for k in database
+            )
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="chat-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -401,6 +479,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--idle", type=int, default=10_000, help="idle connections")
     parser.add_argument(
         "--per-process", type=int, default=15_000, help="most idle connections per generator"
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="idle: above 1, the --idle connections are held by this many replicas on "
+        "PostgreSQL (a container of $POSTGRES_IMAGE), and the relay and the SQLite server "
+        "are measured holding one replica's share",
+    )
+    parser.add_argument("--postgres-image", default=os.environ.get("POSTGRES_IMAGE", "postgres:17"))
+    parser.add_argument(
+        "--postgres-settings",
+        type=lambda text: [s for s in text.split(",") if s],
+        default=[],
+        help="idle with --replicas: PostgreSQL settings (name=value,...) for its container",
+    )
+    parser.add_argument(
+        "--hellos",
+        type=int,
+        default=16,
+        help="idle with --replicas: most hellos waiting for synced per replica (16)",
     )
     parser.add_argument("--memory", type=int, default=3000, help="connections under tracemalloc")
     parser.add_argument(
@@ -425,11 +524,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     limit = raise_nofile()
-    if "idle" in args.workloads and args.idle + FD_MARGIN > limit:
+    if args.replicas < 1:
+        parser.error("--replicas must be at least 1")
+    if "idle" in args.workloads and math.ceil(args.idle / args.replicas) + FD_MARGIN > limit:
+        most = limit - FD_MARGIN
         parser.error(
-            f"the server is one process and may hold {limit} open files here (the hard "
-            f"limit, RLIMIT_NOFILE), so at most {limit - FD_MARGIN} idle connections: "
-            f"raise the hard limit (ulimit -Hn, as root) or pass --idle {limit - FD_MARGIN}"
+            f"a server process may hold {limit} open files here (the hard limit, "
+            f"RLIMIT_NOFILE), so at most {most} idle connections each: pass --idle {most}, "
+            f"or spread them over replicas on PostgreSQL with --replicas "
+            f"{math.ceil(args.idle / most)} or more (needs Docker and $POSTGRES_IMAGE), or "
+            "raise the hard limit (ulimit -Hn, as root)"
         )
     if args.per_process + FD_MARGIN > limit:
         args.per_process = limit - FD_MARGIN

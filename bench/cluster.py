@@ -54,6 +54,23 @@ LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
 class Replica:
     proc: subprocess.Popen[str]
     port: int
+    kind: str = "chat"
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def start_replica(db: str, *args: str) -> Replica:
@@ -291,8 +308,7 @@ async def measure(setup: str, dbs: list[str], args: argparse.Namespace) -> list[
         if balancer is not None:
             balancer.close()
         for r in replicas:
-            r.proc.terminate()
-            r.proc.wait(15)
+            r.stop()
     return results
 
 
@@ -302,42 +318,93 @@ def docker(*args: str) -> str:
     ).stdout
 
 
-async def database(port: int, password: str) -> str:
-    admin = f"postgresql://postgres:{password}@127.0.0.1:{port}/postgres"
-    deadline = time.monotonic() + 60
-    while True:
+class Postgres:
+    """PostgreSQL in a container (``image``) on a free port of 127.0.0.1, fsync on (as
+    deployed); ``database()`` makes a fresh database on it. ``docker rm -f`` on close.
+
+    With ``host_network`` the container is on the host's network (listening on
+    127.0.0.1 only), as the HAProxy container is: no docker-proxy process relays each
+    query (seen at 20-25 % of a core while replicas registered thousands of hellos)."""
+
+    def __init__(self, image: str, *settings: str, host_network: bool = False) -> None:
+        self.password = uuid.uuid4().hex
+        self.name = f"chat-bench-pg-{uuid.uuid4().hex[:8]}"
+        if host_network:
+            self.port = free_port()
+            where = ["--network", "host"]
+            settings = (*settings, f"port={self.port}", "listen_addresses=127.0.0.1")
+        else:
+            where = ["-p", "127.0.0.1::5432"]
+        docker(
+            "run", "-d", "--name", self.name, "-e", f"POSTGRES_PASSWORD={self.password}",
+            *where, image, *(arg for s in settings for arg in ("-c", s)),
+        )  # fmt: skip
         try:
-            conn = await asyncpg.connect(admin, timeout=2)
-            break
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.3)
-    name = f"bench_{uuid.uuid4().hex[:8]}"
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return admin.rsplit("/", 1)[0] + "/" + name
+            if not host_network:
+                self.port = int(docker("port", self.name, "5432/tcp").strip().rsplit(":", 1)[1])
+        except BaseException:
+            self.close()
+            raise
+
+    async def database(self) -> str:
+        admin = f"postgresql://postgres:{self.password}@127.0.0.1:{self.port}/postgres"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = await asyncpg.connect(admin, timeout=2)
+                break
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.3)
+        name = f"bench_{uuid.uuid4().hex[:8]}"
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        return admin.rsplit("/", 1)[0] + "/" + name
+
+    def memory(self) -> dict[str, float]:
+        """The container's memory, MiB: what ``docker stats`` shows (the cgroup's usage
+        less its page cache) and the sum of its processes' PSS (shared buffers counted
+        once, shared among the backends that touched them)."""
+        usage = docker("stats", "--no-stream", "--format", "{{.MemUsage}}", self.name)
+        figures = {"docker_stats_mib": round(_mib(usage.split("/")[0]), 1)}
+        pss = 0
+        for pid in docker("top", self.name, "-o", "pid").split()[1:]:
+            try:
+                with open(f"/proc/{pid}/smaps_rollup") as file:
+                    pss += sum(int(line.split()[1]) for line in file if line.startswith("Pss:"))
+            except OSError:
+                continue
+        figures["pss_mib"] = round(pss / 1024, 1)
+        return figures
+
+    def close(self) -> None:
+        subprocess.run(["docker", "rm", "-f", "-v", self.name], capture_output=True, timeout=60)
+
+
+def _mib(text: str) -> float:
+    """``docker stats``' sizes (``12.5MiB``, ``1.2GiB``, ``800KiB``) in MiB."""
+    units = {"B": 2**-20, "KiB": 2**-10, "MiB": 1.0, "GiB": 2**10, "kB": 1e3 / 2**20}
+    units |= {"MB": 1e6 / 2**20, "GB": 1e9 / 2**20}
+    match = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]+)\s*", text)
+    if match is None or match.group(2) not in units:
+        raise ValueError(f"not a size: {text!r}")
+    return float(match.group(1)) * units[match.group(2)]
 
 
 async def run(args: argparse.Namespace) -> list[Figures]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         results += await measure("sqlite, 1 server", [f"{tmp}/bench.db"], args)
-    password = uuid.uuid4().hex
-    name = f"chat-bench-pg-{uuid.uuid4().hex[:8]}"
-    docker(
-        "run", "-d", "--name", name, "-e", f"POSTGRES_PASSWORD={password}",
-        "-p", "127.0.0.1::5432", args.postgres_image,
-    )  # fmt: skip
+    pg = Postgres(args.postgres_image)
     try:
-        port = int(docker("port", name, "5432/tcp").strip().rsplit(":", 1)[1])
         for count in args.replicas:
-            url = await database(port, password)
+            url = await pg.database()
             results += await measure(f"postgresql, {count} replicas", [url] * count, args)
     finally:
-        docker("rm", "-f", "-v", name)
+        pg.close()
     return results
 
 

@@ -67,6 +67,7 @@ class Worker:
         start_at: float = 0.0,
         report: bool = False,
         retries: int = 0,
+        gate_hello: bool = False,
     ) -> dict[str, Any]:
         """Connect clients ``ids`` (and, for chat, say hello and wait for ``synced``).
 
@@ -78,8 +79,10 @@ class Worker:
         with ``report``, per nick: the highest id seen, when ``synced`` came, and how many
         ``msg`` frames the catch-up carried. A connection that fails before its
         handshake is done is tried again up to ``retries`` times (counted in ``retried``).
+        With ``gate_hello``, ``concurrency`` bounds clients from handshake to ``synced``.
         """
-        gate = asyncio.Semaphore(concurrency) if concurrency else None
+        bound = asyncio.Semaphore(concurrency) if concurrency else None
+        gate, hello_gate = (None, bound) if gate_hello else (bound, None)
         known = secrets or {}
         new_secrets: dict[str, str] = {}
         per_nick: dict[str, tuple[int, float, int]] = {}
@@ -146,7 +149,13 @@ class Worker:
             if not keep_frames:
                 client.on_frame = None  # from now on: marks only, the cheap path
 
-        outcomes = await asyncio.gather(*(one(i) for i in ids), return_exceptions=True)
+        async def gated(i: int) -> None:
+            if hello_gate is None:
+                return await one(i)
+            async with hello_gate:
+                return await one(i)
+
+        outcomes = await asyncio.gather(*(gated(i) for i in ids), return_exceptions=True)
         errors = [o for o in outcomes if isinstance(o, BaseException)]
         return {
             "opened": len(ids) - len(errors),

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from bench.generator import SOURCES, Generator
 from bench.procstat import Window, rss_bytes, tcp_counters
@@ -240,30 +240,63 @@ def saturation(
 # --- idle memory -------------------------------------------------------------------------
 
 
+class Server(Protocol):
+    """What the idle workloads need of a server: a :class:`Target`, or a cluster replica
+    (:class:`bench.cluster.Replica`)."""
+
+    kind: str
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def pid(self) -> int: ...
+
+
 def open_idle(
-    gen: Generator, target: Target, ids: range, rooms: list[str], tag: str
+    gen: Generator,
+    servers: Sequence[Server],
+    ids: range,
+    rooms: list[str],
+    tag: str,
+    hellos: int | None = None,
 ) -> tuple[int, list[str]]:
-    """Open idle clients ``ids``, each from its process's own source address; returns how
-    many handshakes had to be retried, and some of the reasons."""
-    opened = gen.each(
-        "open",
-        [
-            {
-                "url": target.url,
-                "kind": target.kind,
-                "ids": mine,
-                "rooms": rooms,
-                "tag": tag,
-                "senders": 0,
-                "sources": [SOURCES[w % len(SOURCES)]],
-                # Handshakes in flight, over all processes: about the server's listen
-                # backlog (asyncio's default, 100), so that its queue does not overflow.
-                "concurrency": max(10, 100 // gen.size),
-                "retries": 2,
-            }
-            for w, mine in enumerate(gen.split(ids))
-        ],
-    )
+    """Open idle clients ``ids``, client ``i`` on ``servers[i % len(servers)]``, each from
+    its process's own source address; returns how many handshakes had to be retried, and
+    some of the reasons. The servers are filled at once, side by side.
+
+    Each server gets about 100 handshakes at a time over all processes (asyncio's listen
+    backlog, so that no listen queue overflows), and their hellos as they come: one
+    server groups the nicks' registrations in its commits. With ``hellos``, at most that
+    many clients per server are between their handshake and ``synced``: a replica's
+    hello waits for PostgreSQL (several round trips on one of its few connections), and
+    thousands waiting at once would run into its query timeout."""
+    pending = []
+    for w, mine in enumerate(gen.split(ids)):
+        for s, server in enumerate(servers):
+            pending.append(
+                (
+                    w,
+                    gen.submit(
+                        w,
+                        "open",
+                        url=server.url,
+                        kind=server.kind,
+                        ids=[i for i in mine if i % len(servers) == s],
+                        rooms=rooms,
+                        tag=tag,
+                        senders=0,
+                        sources=[SOURCES[w % len(SOURCES)]],
+                        concurrency=max(1, (hellos or 100) // gen.size),
+                        gate_hello=hellos is not None,
+                        retries=2,
+                    ),
+                )
+            )
+    # A cluster registers on the order of a hundred hellos a second here (in all): take
+    # an open for stuck only below 20 a second.
+    timeout = max(600.0, len(ids) / 20)
+    opened = [gen.result(w, ident, timeout) for w, ident in pending]
     failed = sum(o["error_count"] for o in opened)
     if failed:
         errors = [e for o in opened for e in o["errors"]]
@@ -271,51 +304,83 @@ def open_idle(
     return sum(o["retried"] for o in opened), [r for o in opened for r in o["retry_reasons"]]
 
 
-def idle(gen: Generator, target: Target, *, connections: int, per_room: int = 100) -> Result:
+def idle(
+    gen: Generator,
+    servers: Sequence[Server],
+    *,
+    connections: int,
+    per_room: int = 100,
+    database: Callable[[], dict[str, float]] | None = None,
+    hellos: int | None = None,
+) -> Result:
     """Many idle connections (each said hello and sits in a room): server memory.
 
     Reported two ways: RSS growth from a fresh server to ``connections`` open ones,
     divided by their number (which includes one-time growth: allocator arenas, the page
     cache of new nicks), and the marginal cost of the last 80% of them. Each generator
     process connects from its own source address, 127.0.0.x.
+
+    With several ``servers`` (the replicas of a cluster) client ``i`` goes to server
+    ``i % len(servers)``, the rooms are shared by all of them, and the figures are also
+    given per server; ``database`` reads the shared database's memory (MiB) before and
+    after.
     """
     rooms = [f"idle{i}" for i in range(max(1, connections // per_room))]
     first = connections // 5
-    base = rss_bytes(target.pid)
+    count = len(servers)
+    # Connections per server: in all, and among the first 20 %.
+    mine = [len(range(s, connections, count)) for s in range(count)]
+    mine_first = [len(range(s, first, count)) for s in range(count)]
+    base = [rss_bytes(s.pid) for s in servers]
+    db_before = database() if database else {}
     started = time.monotonic()
 
-    settle = min(2.0, 0.2 + connections / 5000)  # for the server's last writes and frees
+    settle = min(2.0, 0.2 + connections / count / 5000)  # for the servers' last writes and frees
     try:
-        retried, reasons = open_idle(gen, target, range(first), rooms, "i")
+        retried, reasons = open_idle(gen, servers, range(first), rooms, "i", hellos)
         time.sleep(settle)
-        partial = rss_bytes(target.pid)
-        more, why = open_idle(gen, target, range(first, connections), rooms, "i")
+        partial = [rss_bytes(s.pid) for s in servers]
+        more, why = open_idle(gen, servers, range(first, connections), rooms, "i", hellos)
         retried, reasons = retried + more, reasons + why
         open_s = time.monotonic() - started
         time.sleep(settle)
-        loaded = rss_bytes(target.pid)
+        loaded = [rss_bytes(s.pid) for s in servers]
+        db_after = database() if database else {}
         still_open = sum(gen.all("count"))
     finally:
         gen.all("close", wait=30.0)
-    return Result(
-        "idle",
-        target.kind,
-        {
-            "connections": connections,
-            "still_open": still_open,
-            "generator_processes": gen.size,
-            "source_addresses": min(gen.size, len(SOURCES)),
-            "open_s": round(open_s, 1),
-            "handshakes_retried": retried,
-            "retry_reasons": sorted(set(reasons))[:3],
-            "rss_before_mib": round(base / 2**20, 1),
-            "rss_after_mib": round(loaded / 2**20, 1),
-            "kib_per_connection": round((loaded - base) / connections / 1024, 2),
-            "marginal_kib_per_connection": round(
-                (loaded - partial) / max(1, connections - first) / 1024, 2
-            ),
-        },
-    )
+    figures: dict[str, Any] = {
+        "connections": connections,
+        "still_open": still_open,
+        "generator_processes": gen.size,
+        "source_addresses": min(gen.size, len(SOURCES)),
+        "open_s": round(open_s, 1),
+        "handshakes_retried": retried,
+        "retry_reasons": sorted(set(reasons))[:3],
+        "rss_before_mib": round(sum(base) / 2**20, 1),
+        "rss_after_mib": round(sum(loaded) / 2**20, 1),
+        "kib_per_connection": round((sum(loaded) - sum(base)) / connections / 1024, 2),
+        "marginal_kib_per_connection": round(
+            (sum(loaded) - sum(partial)) / max(1, connections - first) / 1024, 2
+        ),
+    }
+    if count > 1:
+        figures["servers"] = count
+        figures["per_server"] = [
+            {
+                "connections": mine[s],
+                "rss_before_mib": round(base[s] / 2**20, 1),
+                "rss_after_mib": round(loaded[s] / 2**20, 1),
+                "marginal_kib_per_connection": round(
+                    (loaded[s] - partial[s]) / max(1, mine[s] - mine_first[s]) / 1024, 2
+                ),
+            }
+            for s in range(count)
+        ]
+    for key, value in db_before.items():
+        figures[f"database_{key}_before"] = value
+        figures[f"database_{key}_after"] = db_after[key]
+    return Result("idle", servers[0].kind, figures)
 
 
 # --- where an idle connection's bytes go ---------------------------------------------------
@@ -348,11 +413,11 @@ def memory(gen: Generator, *, connections: int, warm: int = 500, settle: float =
     rooms = [f"mem{i}" for i in range(max(1, (warm + connections) // 100))]
 
     try:
-        open_idle(gen, target, range(warm), rooms, "m")
+        open_idle(gen, [target], range(warm), rooms, "m")
         time.sleep(1)
         _ask(target, "snapshot a")
         rss_a = rss_bytes(target.pid)
-        open_idle(gen, target, range(warm, warm + connections), rooms, "m")
+        open_idle(gen, [target], range(warm, warm + connections), rooms, "m")
         time.sleep(settle)
         _ask(target, "snapshot b")
         rss_b = rss_bytes(target.pid)

@@ -97,6 +97,9 @@ class PresenceView:
         self._sessions: dict[str, _Live] = {}
         self._rooms: dict[str, dict[str, _Live]] = {}  # room -> session -> live
         self._nicks: dict[str, Counter[str]] = {}  # room -> nick_key -> sessions
+        # nick_key -> its sessions on the other replicas: every hello asks whether its
+        # nick is live elsewhere, and a scan of the whole view made a hello O(sessions).
+        self._elsewhere: Counter[str] = Counter()
 
     # --- reads (the hub's RemoteView: the other replicas only) -----------------------
 
@@ -108,10 +111,7 @@ class PresenceView:
         return sum(1 for live in self._rooms.get(room, {}).values() if live.replica != self.replica)
 
     def is_online(self, key: str) -> bool:
-        return any(
-            live.nick_key == key and live.replica != self.replica
-            for live in self._sessions.values()
-        )
+        return self._elsewhere[key] > 0
 
     def rooms_of(self, session: str) -> set[str]:
         """The rooms a session is in, as the stream has told."""
@@ -130,6 +130,20 @@ class PresenceView:
         return live.replica if live is not None else None
 
     # --- changes ---------------------------------------------------------------------
+
+    def _put(self, session: str, live: _Live) -> None:
+        self._pop(session)
+        self._sessions[session] = live
+        if live.replica != self.replica:
+            self._elsewhere[live.nick_key] += 1
+
+    def _pop(self, session: str) -> _Live | None:
+        live = self._sessions.pop(session, None)
+        if live is not None and live.replica != self.replica:
+            self._elsewhere[live.nick_key] -= 1
+            if self._elsewhere[live.nick_key] <= 0:
+                del self._elsewhere[live.nick_key]
+        return live
 
     def _has(self, room: str, nick_key: str) -> bool:
         nicks = self._nicks.get(room)
@@ -163,7 +177,7 @@ class PresenceView:
                 before[key] = (live.nick, self._has(room, live.nick_key))
 
         def remove(session: str) -> None:
-            live = self._sessions.pop(session, None)
+            live = self._pop(session)
             if live is not None:
                 for room in list(live.rooms):
                     touch(room, live)
@@ -181,13 +195,13 @@ class PresenceView:
                 for room in rooms:
                     self._exit(event.session, live, room)
                 live = _Live(event.nick_key, event.nick, live.replica)
-                self._sessions[event.session] = live
+                self._put(event.session, live)
                 for room in rooms:
                     self._enter(event.session, live, room)
                     changes.append((room, "rename", event.nick, old))
             if live is None:
                 live = _Live(event.nick_key, event.nick, event.replica)
-                self._sessions[event.session] = live
+                self._put(event.session, live)
             wanted = set(event.rooms)
             for room in live.rooms - wanted:
                 touch(room, live)
