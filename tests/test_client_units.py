@@ -470,3 +470,29 @@ async def test_a_combining_mark_is_drawn_once_wherever_it_ends_a_line(
         shown = unicodedata.normalize("NFD", "\n".join(screen.display))  # pyte composes
         assert shown.count("\u0301") == 1, shown
         assert re.search("[^ ]\u0301", shown), f"the mark lost its letter: {shown}"
+
+
+def test_the_client_checks_room_names_as_typed_before_lower_casing(tmp_path: Any) -> None:
+    """/rooms and /switch lower-cased first: U+212A KELVIN SIGN became ``k`` (attack-r4 F7)."""
+    model = ChatModel("alice", "lobby")
+    model.apply({"type": "joined", "room": "k", "members": ["alice"]})
+    conn = ChatConnection(
+        "ws://127.0.0.1:9/",
+        "alice",
+        ["lobby"],
+        SecretStore(tmp_path),
+        on_frame=lambda f: None,
+        on_status=lambda s: None,
+    )
+    sent: list[dict[str, Any]] = []
+    conn.request = lambda frame: sent.append(frame) is None  # type: ignore[method-assign]
+    controller = Controller(model, conn)
+    controller.submit("/rooms \u212a")
+    assert sent == [] and "a room name is" in model.window(model.active).lines()[-1].text
+    controller.submit("/rooms #Dev")
+    assert sent == [{"type": "rooms", "limit": 100, "after": "dev"}]
+    model.switch("#lobby")
+    controller.submit("/switch #\u212a")
+    assert model.active == "#lobby"
+    controller.submit("/switch K")
+    assert model.active == "#k"
