@@ -387,7 +387,10 @@ class Controller:
     def _rooms(self, args: str) -> None:
         frame: Frame = {"type": "rooms", "limit": 100}
         if args:
-            frame["after"] = args.lstrip("#").lower()
+            after = self._room(args)
+            if after is None:
+                return
+            frame["after"] = after
         self._request(frame)
 
     def _who(self, args: str) -> None:
@@ -426,10 +429,13 @@ class Controller:
     def _switch(self, args: str) -> None:
         wanted = {"server": SERVER_WINDOW, "*": SERVER_WINDOW, "help": HELP_WINDOW}.get(args)
         candidates = [wanted] if wanted else []
-        if args[0] in "#@":
-            candidates.append(args if args[0] == "@" else args.lower())
-        else:
-            candidates += ["#" + args.lower(), "@" + args]
+        room = normalize_room(args)  # None for "@nick" too
+        if room is not None:
+            candidates.append("#" + room)
+        if args[0] == "@":
+            candidates.append(args)
+        elif args[0] != "#":
+            candidates.append("@" + args)
         for candidate in candidates:
             if candidate in self.model.windows or candidate.startswith("@"):
                 if candidate.startswith("@") and not is_valid_nick(candidate[1:]):

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import wcwidth
 from prompt_toolkit.formatted_text import StyleAndTextTuples
+from prompt_toolkit.formatted_text.utils import split_lines
+from prompt_toolkit.utils import get_cwidth
 
 from chat_client.model import Entry, EntryKind
 from chat_client.sanitize import clean
@@ -61,6 +63,27 @@ def nick_style(nick: str) -> str:
 
 def cells(text: str) -> int:
     return max(0, wcwidth.width(text))
+
+
+def close_lines(fragments: StyleAndTextTuples) -> StyleAndTextTuples:
+    """Fragments in which no line ends with a zero-width character: such a line gets a space.
+
+    prompt_toolkit merges a zero-width character (a combining mark such as U+0301, an
+    enclosing one such as U+20DD, a ZWJ) into the cell before it, but also leaves it in the
+    next cell, where the next character normally overwrites it. At the end of a line
+    nothing does, and that cell is drawn too: ``qá`` reaches the terminal as ``qá́``. A
+    space after the mark takes that cell. It costs nothing at the right edge either: a
+    window that does not wrap drops what does not fit, the space as much as the stray.
+    """
+    out: StyleAndTextTuples = []
+    for n, line in enumerate(split_lines(fragments)):
+        if n:
+            out.append(("", "\n"))
+        out += line
+        last = next((text for _, text, *_ in reversed(line) if text), "")
+        if last and get_cwidth(last[-1]) == 0:
+            out.append(("", " "))
+    return out
 
 
 def wrap(text: str, first: int, rest: int) -> list[str]:
@@ -150,7 +173,10 @@ def _render(entry: Entry, look: Look) -> list[StyleAndTextTuples]:
     width = max(10, look.width)
     head = sum(cells(text) for _, text, *_ in prefix)
     indent = head if head <= width // 2 else len(prefix[0][1])
-    pieces = wrap(body, width - head, width - indent)
+    # prompt_toolkit drops a zero-width character whose letter is in the window's last
+    # column (it merges marks only into cells it may write): such text stops a column short.
+    fit = width - 1 if any(get_cwidth(c) == 0 for c in body) else width
+    pieces = wrap(body, fit - head, fit - indent)
     entry.collapsed = False
     if len(pieces) > COLLAPSE_LINES and not entry.expanded:
         hidden = len(pieces) - (COLLAPSE_LINES - 1)

@@ -11,6 +11,7 @@ history by itself. Text from the network reaches the screen only through
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,15 @@ from prompt_toolkit.output import Output
 from prompt_toolkit.styles import Style
 
 from chat_client.model import HELP_WINDOW, SERVER_WINDOW, Activity, ChatModel, Entry
-from chat_client.render import STYLES, Look, cells, day_line, marker_line, render_entry
+from chat_client.render import (
+    STYLES,
+    Look,
+    cells,
+    close_lines,
+    day_line,
+    marker_line,
+    render_entry,
+)
 from chat_client.sanitize import clean
 
 if TYPE_CHECKING:
@@ -71,6 +80,11 @@ INPUT_LINES = 5
 Line = tuple["Entry | None", int, StyleAndTextTuples]
 
 
+def _control(fragments: Callable[[], StyleAndTextTuples]) -> FormattedTextControl:
+    """A control showing these fragments, with every line closed (see ``close_lines``)."""
+    return FormattedTextControl(lambda: close_lines(fragments()), focusable=False)
+
+
 @dataclass
 class View:
     """Where a window is scrolled to: a line of an entry, and how far from the top it is."""
@@ -107,12 +121,12 @@ class ChatUI:
             complete_while_typing=False,
             history=InMemoryHistory(),
         )
-        pane = Window(FormattedTextControl(self._pane, focusable=False), wrap_lines=False)
-        winlist = Window(FormattedTextControl(self._window_list), height=1, style="class:bar")
-        status = Window(FormattedTextControl(self._status), height=1, style="class:bar")
+        pane = Window(_control(self._pane), wrap_lines=False)
+        winlist = Window(_control(self._window_list), height=1, style="class:bar")
+        status = Window(_control(self._status), height=1, style="class:bar")
         prompt = VSplit(
             [
-                Window(FormattedTextControl(self._prompt), dont_extend_width=True),
+                Window(_control(self._prompt), dont_extend_width=True),
                 Window(BufferControl(self.buffer)),
             ],
             height=self._input_height,

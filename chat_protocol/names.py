@@ -10,6 +10,8 @@ from chat_protocol.limits import MAX_CID_CHARS, MAX_NICK_CHARS, MAX_ROOM_CHARS, 
 
 NICK_RE = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_-]{{0,{MAX_NICK_CHARS - 1}}}")
 ROOM_RE = re.compile(rf"[a-z0-9_][a-z0-9_-]{{0,{MAX_ROOM_CHARS - 1}}}")
+# A room name as a client may send it: ASCII letters of either case, lower-cased after.
+_ROOM_SENT_RE = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_-]{{0,{MAX_ROOM_CHARS - 1}}}")
 CID_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_CID_CHARS}}}")
 SECRET_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_SECRET_CHARS}}}")
 
@@ -24,10 +26,13 @@ def nick_key(nick: str) -> str:
 
 
 def normalize_room(room: str) -> str | None:
-    """Lower-case a room name and drop one leading ``#``; None if it is not valid."""
+    """Lower-case a room name and drop one leading ``#``; None if it is not valid.
+
+    The name is checked as sent, then lower-cased: the other way round, a letter outside
+    the rules would pass as one inside them (``str.lower`` makes U+212A KELVIN SIGN a ``k``).
+    """
     name = room[1:] if room.startswith("#") else room
-    name = name.lower()
-    return name if ROOM_RE.fullmatch(name) else None
+    return name.lower() if _ROOM_SENT_RE.fullmatch(name) else None
 
 
 def is_valid_cid(cid: str) -> bool:

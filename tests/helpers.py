@@ -85,12 +85,18 @@ class Peer:
                 return frames
 
     async def say(
-        self, body: str, room: str = "lobby", cid: str | None = None, to: str | None = None
+        self,
+        body: str,
+        room: str = "lobby",
+        cid: str | None = None,
+        to: str | None = None,
+        action: bool = False,
     ) -> Frame:
-        """Send to a room (or a nick) and wait for the ack."""
+        """Send to a room (or a nick) and wait for the ack; ``action``: a ``/me``."""
         cid = cid or uuid.uuid4().hex
         target = {"to": to} if to else {"room": room}
-        await self.send({"type": "send", "cid": cid, "body": body, **target})
+        extra = {"action": True} if action else {}
+        await self.send({"type": "send", "cid": cid, "body": body, **target, **extra})
         while True:
             frame = await self.recv()
             if frame["type"] == "ack" and frame["cid"] == cid:

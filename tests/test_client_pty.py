@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 from pathlib import Path
 
 from tests.helpers import peer
@@ -134,6 +135,45 @@ async def test_every_escape_class_and_pathological_text_stay_inert(
             term.type("\x1b[6~")
         term.type("typed after all that\r")
         await term.wait_for(lambda s: "typed after all that" in s and "(sending" not in s)
+    finally:
+        term.close()
+        proc.stop()
+
+
+async def test_combining_marks_that_end_a_line_are_drawn_once(db: Path, tmp_path: Path) -> None:
+    """attack-r4 F3: a body ending in a combining mark reached the terminal with the mark
+    twice (``qá́``), at the end of any line: a message, a ``/me``, a wrapped line."""
+    proc = ServerProcess(db).start()
+    term = Terminal(
+        ["--url", proc.url, "--nick", "victim", "--state-dir", str(tmp_path), "--mode", "tui"]
+    )
+    bodies = [
+        ("e1 Z\u20dd", False),
+        ("\u20dd", False),
+        ("e3 Z\u20e3", False),
+        ("e4 Z\u0488", False),
+        ("e5 qa\u0301", False),
+        ("waves\u0301", True),
+        ("wrap\u0301 " + "w" * 80, False),  # the first line ends after the mark
+        ("x" * 83 + "\u0301", False),  # as wide as the window
+    ]
+    try:
+        await term.wait_for(lambda s: "connected" in s)
+        async with peer(proc.url, "mallory") as mallory:
+            for body, action in bodies:
+                await mallory.say(body, action=action)
+            await mallory.say("after the marks")
+            await term.wait_for(lambda s: "after the marks" in s)
+        await asyncio.sleep(0.3)
+        raw = bytes(term.raw).decode()
+        for mark in "\u20dd\u20e3\u0488\u0301":
+            assert mark * 2 not in raw, f"{mark!r} drawn twice"
+        lines = [unicodedata.normalize("NFD", line) for line in term.lines()]  # pyte composes
+        for end in ("<mallory> e5 qa", "* mallory waves", "<mallory> wrap", "x" * 83):
+            assert any(line.endswith(end + "\u0301") for line in lines), (end, lines)
+        assert sum(line.count("\u0301") for line in lines) == 4, lines
+        term.type("typed after the marks\r")
+        await term.wait_for(lambda s: "<victim> typed after the marks" in s)
     finally:
         term.close()
         proc.stop()

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import io
+import re
+import unicodedata
 from typing import Any
 
+import pyte
 import pytest
+from prompt_toolkit.data_structures import Size
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output.vt100 import Vt100_Output
 
 from chat_client.commands import Command, Invalid, Say, parse
+from chat_client.connection import ChatConnection
+from chat_client.controller import Controller
 from chat_client.linemode import format_entry
 from chat_client.model import ChatModel, EntryKind
 from chat_client.render import Look, render_entry
 from chat_client.sanitize import clean
+from chat_client.secrets import SecretStore
+from chat_client.tui import ChatUI
 
 HOSTILE = {
     "csi": "\x1b[2J\x1b[H",
@@ -397,3 +408,91 @@ def test_a_429_retry_after_is_a_floor_for_the_next_try() -> None:
     assert _retry_after(status(429, None)) == 0.0
     assert _retry_after(status(503, "7")) == 0.0
     assert _retry_after(OSError()) == 0.0
+
+
+async def draw(model: ChatModel, tmp_path: Any, cols: int = 40, rows: int = 6) -> str:
+    """What the real full-screen UI writes to a terminal when it first draws ``model``."""
+    out = io.StringIO()
+    output = Vt100_Output(out, lambda: Size(rows=rows, columns=cols), term="xterm")
+    conn = ChatConnection(
+        "ws://127.0.0.1:9/",
+        model.nick,
+        ["lobby"],
+        SecretStore(tmp_path),
+        on_frame=lambda f: None,
+        on_status=lambda s: None,
+    )
+    first: list[str] = []
+    with create_pipe_input() as pipe:
+        ui = ChatUI(model, Controller(model, conn), input=pipe, output=output)
+
+        def drawn(_: object) -> None:
+            if not first:
+                first.append(out.getvalue())
+                ui.exit()
+
+        ui.app.after_render += drawn
+        await ui.run()
+    return first[0]
+
+
+MARKS = {
+    "acute after a letter": "e7 qa\u0301",
+    "enclosing circle": "Z\u20dd",
+    "enclosing keycap": "1\u20e3",
+    "cyrillic hundred thousands": "Z\u0488",
+    "only the mark": "\u20dd",
+    "wide letter, then the mark": "日\u0301",
+    "a letter after the mark": "Z\u20dd|",
+    "line wrapped after the mark": "wrapped\u0301 " + "w" * 25,
+    "line as wide as the window": "x" * 28 + "\u0301",
+}
+
+
+@pytest.mark.parametrize("name", list(MARKS))
+@pytest.mark.parametrize("action", [False, True], ids=["say", "me"])
+async def test_a_combining_mark_is_drawn_once_wherever_it_ends_a_line(
+    name: str, action: bool, tmp_path: Any
+) -> None:
+    """prompt_toolkit leaves a line's last zero-width character in the cell after it too:
+    unless something is drawn there, the terminal showed ``qá`` as ``qá́`` (attack-r4 F3)."""
+    body = MARKS[name]
+    model = ChatModel("alice", "lobby")
+    model.apply(msg(1, body, sender="bob", action=action))
+    raw = await draw(model, tmp_path)
+    for mark in "\u0301\u20dd\u20e3\u0488":
+        assert raw.count(mark) == body.count(mark), f"{mark!r} drawn {raw.count(mark)} times"
+    screen = pyte.Screen(40, 6)
+    pyte.Stream(screen).feed(raw)
+    # Read back by a terminal, too: pyte drops an enclosing mark (combining class 0) and
+    # one after a wide letter, so only an acute on a narrow letter.
+    if re.search("[a-z]\u0301", body):
+        shown = unicodedata.normalize("NFD", "\n".join(screen.display))  # pyte composes
+        assert shown.count("\u0301") == 1, shown
+        assert re.search("[^ ]\u0301", shown), f"the mark lost its letter: {shown}"
+
+
+def test_the_client_checks_room_names_as_typed_before_lower_casing(tmp_path: Any) -> None:
+    """/rooms and /switch lower-cased first: U+212A KELVIN SIGN became ``k`` (attack-r4 F7)."""
+    model = ChatModel("alice", "lobby")
+    model.apply({"type": "joined", "room": "k", "members": ["alice"]})
+    conn = ChatConnection(
+        "ws://127.0.0.1:9/",
+        "alice",
+        ["lobby"],
+        SecretStore(tmp_path),
+        on_frame=lambda f: None,
+        on_status=lambda s: None,
+    )
+    sent: list[dict[str, Any]] = []
+    conn.request = lambda frame: sent.append(frame) is None  # type: ignore[method-assign]
+    controller = Controller(model, conn)
+    controller.submit("/rooms \u212a")
+    assert sent == [] and "a room name is" in model.window(model.active).lines()[-1].text
+    controller.submit("/rooms #Dev")
+    assert sent == [{"type": "rooms", "limit": 100, "after": "dev"}]
+    model.switch("#lobby")
+    controller.submit("/switch #\u212a")
+    assert model.active == "#lobby"
+    controller.submit("/switch K")
+    assert model.active == "#k"

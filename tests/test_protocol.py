@@ -1,5 +1,6 @@
 """The shared wire module: what it accepts, what it refuses and with which code."""
 
+import json
 from typing import Any
 
 import pytest
@@ -83,6 +84,51 @@ def test_names() -> None:
     assert normalize_room("#Lobby") == "lobby"
     assert normalize_room("a" * 33) is None
     assert normalize_room("#") is None
+
+
+# Letters outside a-z that Python lower-cases to ASCII (U+212A KELVIN SIGN -> k), or to
+# ASCII and a mark (U+0130 -> i + U+0307); a name is checked as sent (attack-r4 F7).
+LOOKALIKES = ["\u212a", "\u212aelvin", "#\u212a", "\u0130", "sta\u0130r"]
+ROOM_FRAMES = [
+    {"type": "hello", "nick": "a", "rooms": ["lobby", "{}"]},
+    {"type": "join", "room": "{}"},
+    {"type": "leave", "room": "{}"},
+    {"type": "send", "cid": "1", "room": "{}", "body": "x"},
+    {"type": "who", "room": "{}"},
+    {"type": "rooms", "after": "{}"},
+    {"type": "history", "room": "{}"},
+]
+NICK_FRAMES = [
+    {"type": "hello", "nick": "{}"},
+    {"type": "nick", "nick": "{}"},
+    {"type": "send", "cid": "1", "to": "{}", "body": "x"},
+    {"type": "who", "after": "{}"},
+    {"type": "history", "with": "{}"},
+]
+
+
+def _filled(frame: dict[str, object], name: str) -> str:
+    return json.dumps(frame).replace("{}", json.dumps(name)[1:-1])
+
+
+@pytest.mark.parametrize("name", LOOKALIKES)
+@pytest.mark.parametrize("frame", ROOM_FRAMES, ids=lambda f: f"{f['type']}-room")
+def test_a_room_name_is_checked_as_sent_not_after_lower_casing(
+    frame: dict[str, object], name: str
+) -> None:
+    assert normalize_room(name) is None
+    with pytest.raises(ProtocolError) as caught:
+        parse(_filled(frame, name))
+    assert caught.value.code is ErrorCode.ROOM_INVALID
+    assert parse(_filled(frame, "#Kelvin")) == parse(_filled(frame, "kelvin"))
+
+
+@pytest.mark.parametrize("name", LOOKALIKES[:2] + LOOKALIKES[3:])
+@pytest.mark.parametrize("frame", NICK_FRAMES, ids=lambda f: f"{f['type']}-nick")
+def test_a_nick_is_checked_as_sent(frame: dict[str, object], name: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        parse(_filled(frame, name))
+    assert caught.value.code is ErrorCode.NICK_INVALID
 
 
 @pytest.mark.parametrize("ref", ['"\\ud800"', '""', '"' + "r" * 65 + '"', "7", "true", "[]"])

@@ -412,3 +412,18 @@ async def test_a_backlog_pauses_reading_then_everything_is_answered_in_order(db:
             while len(refs) < 400:
                 refs.append((await reply(alice, "members"))["ref"])
             assert refs == [str(n) for n in range(400)]
+
+
+async def test_a_room_name_outside_the_rules_is_refused_as_sent(db: Path) -> None:
+    """U+212A KELVIN SIGN lower-cases to ``k``: it was joined as room ``k`` (attack-r4 F7)."""
+    async with server(db) as chat, peer(chat, "alice") as alice:
+        for n, room in enumerate(["\u212a", "#\u212a", "\u212aelvin", "\u0130"]):
+            await alice.send({"type": "join", "room": room, "ref": f"j{n}"})
+            await reply(alice, "error", code="room_invalid", ref=f"j{n}")
+        await alice.send({"type": "rooms"})
+        assert [r["name"] for r in (await reply(alice, "rooms"))["rooms"]] == ["lobby"]
+        await alice.send({"type": "join", "room": "#K"})  # ASCII upper case is fine
+        await reply(alice, "joined", room="k")
+        await reply(alice, "history", room="k")
+        await alice.send({"type": "rooms"})
+        assert [r["name"] for r in (await reply(alice, "rooms"))["rooms"]] == ["k", "lobby"]
