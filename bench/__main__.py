@@ -64,6 +64,18 @@ def machine() -> str:
     )
 
 
+def reference() -> float:
+    """``bench.reference`` on the server's core, in its own process."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.reference"], stdout=subprocess.PIPE, text=True
+    )
+    pin(proc.pid, [SERVER_CPU])
+    out, _ = proc.communicate(timeout=120)
+    if proc.returncode:
+        raise RuntimeError(f"bench.reference exited with {proc.returncode}")
+    return float(out)
+
+
 def storage_only(batches: Sequence[int], seconds: float) -> dict[str, Any]:
     """``bench.storage`` in its own process, on the server's core."""
     proc = subprocess.Popen(
@@ -244,6 +256,8 @@ def report(results: list[Result], load: dict[str, Any]) -> str:
     lines = [
         f"machine: {machine()}",
         f"load average before/after: {load['before']} / {load['after']}",
+        f"the server's core today: {load['reference_us']} µs per reference round "
+        "(python -m bench.reference; lower is faster, compare runs only where it agrees)",
     ]
     for workload in WORKLOADS:
         for kind in ("relay", "chat"):
@@ -263,6 +277,12 @@ def report(results: list[Result], load: dict[str, Any]) -> str:
             lines.append(
                 f"WARNING: {workload} {kind}: other processes took up to {others}% of the "
                 "server's core: the machine was not quiet, these figures measured it too"
+            )
+        steal = max((w.get("host_steal_pct", 0.0) for w in windows), default=0.0)
+        if steal > NOISY_PCT:
+            lines.append(
+                f"WARNING: {workload} {kind}: the host took {steal}% of this machine's CPU "
+                "time (steal): these figures measured a busy host too"
             )
     f_chat, f_base = by.get(("fanout", "chat")), by.get(("fanout", "relay"))
     if f_chat and f_base:
@@ -423,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         check()
     if not pin(0, generator_cpus()) or SERVER_CPU in generator_cpus():
         print("note: one CPU only: generator and server share it", file=sys.stderr)
-    load: dict[str, Any] = {"before": load_average()}
+    load: dict[str, Any] = {"before": load_average(), "reference_us": reference()}
     started = time.monotonic()
     results = run(args)
     load["after"] = load_average()

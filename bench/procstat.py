@@ -35,9 +35,11 @@ def own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def core_times() -> dict[int, tuple[int, int]]:
-    """Per core: (busy, total) jiffies. Busy counts softirq too: on loopback, the
-    receiving side's TCP work runs there."""
+def core_times() -> dict[int, tuple[int, int, int]]:
+    """Per core: (busy, total, steal) jiffies. Busy counts softirq too: on loopback, the
+    receiving side's TCP work runs there. Steal is time this virtual machine's CPU was
+    ready to run but the host ran something else: it counts as busy here, and it is the
+    one load that ``uptime`` inside the machine cannot show."""
     times = {}
     with open("/proc/stat") as file:
         for line in file:
@@ -45,7 +47,7 @@ def core_times() -> dict[int, tuple[int, int]]:
                 name, *values = line.split()
                 numbers = [int(v) for v in values[:8]]
                 idle = numbers[3] + numbers[4]  # idle + iowait
-                times[int(name[3:])] = (sum(numbers) - idle, sum(numbers))
+                times[int(name[3:])] = (sum(numbers) - idle, sum(numbers), numbers[7])
     return times
 
 
@@ -65,7 +67,7 @@ class Window:
     wall: float = 0.0
     server_cpu: float = 0.0
     generator_cpu: float = 0.0
-    cores: dict[int, tuple[int, int]] = field(default_factory=dict)
+    cores: dict[int, tuple[int, int, int]] = field(default_factory=dict)
 
     def start(self) -> None:
         self.wall = time.monotonic()
@@ -84,10 +86,16 @@ class Window:
             "generator_cpu_pct": round(generator / wall * 100, 1),
         }
         now = core_times()
-        for core, (busy, total) in now.items():
-            busy0, total0 = self.cores.get(core, (0, 0))
+        stolen = elapsed = 0
+        for core, (busy, total, steal) in now.items():
+            busy0, total0, steal0 = self.cores.get(core, (0, 0, 0))
             if total > total0:
                 figures[f"core{core}_busy_pct"] = round((busy - busy0) / (total - total0) * 100, 1)
+                stolen += steal - steal0
+                elapsed += total - total0
+        if elapsed:
+            # Figures from two sessions differ when the host is busier in one of them.
+            figures["host_steal_pct"] = round(stolen / elapsed * 100, 1)
         if self.server_core is not None and f"core{self.server_core}_busy_pct" in figures:
             # What else ran on the server's core (other processes, the kernel's own work):
             # a figure taken on a busy machine says so here.

@@ -1,9 +1,12 @@
-"""The persistence engineer's two small tools: they run, and measure what they say."""
+"""The benchmark's small tools: they run, and measure what they say."""
 
+import os
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
-from bench import sendpath, storage
+from bench import procstat, reference, sendpath, storage
 
 
 def test_sendpath_times_every_piece() -> None:
@@ -25,3 +28,46 @@ def test_storage_drops_the_indexes_it_is_told_to(tmp_path: Path) -> None:
     assert result["dropped_indexes"] == ["messages_channel"]
     assert [row["way"] for row in result["results"]] == ["sqlite3"]
     assert result["results"][0]["rows_per_s"] > 0
+
+
+def test_a_window_measures_its_processes_cores_and_the_hosts_steal() -> None:
+    window = procstat.Window(os.getpid(), [], server_core=None)
+    window.start()
+    deadline = time.monotonic() + 0.3
+    while time.monotonic() < deadline:
+        pass  # this process is the "server": a busy loop
+    figures = window.stop()
+    assert figures["server_cpu_pct"] > 50
+    assert 0.0 <= figures["host_steal_pct"] <= 100.0
+    busy = [value for name, value in figures.items() if name.endswith("_busy_pct")]
+    assert len(busy) == os.cpu_count()
+    # The steal a window reports is /proc/stat's steal column, read between two reads.
+    low = _stolen()
+    steal = sum(stolen for _, _, stolen in procstat.core_times().values())
+    assert low <= steal <= _stolen()
+
+
+def _stolen() -> int:
+    with open("/proc/stat") as file:
+        return sum(int(line.split()[8]) for line in file if line[3].isdigit())
+
+
+def test_the_reference_round_is_timed_and_slower_when_the_core_is_shared() -> None:
+    alone = reference.measure(rounds=2_000, repeat=3)
+    assert 0 < alone < 10_000
+    # The same rounds while a second thread competes for the interpreter take longer:
+    # the figure measures the core this process gets, not a constant.
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    other = threading.Thread(target=spin)
+    other.start()
+    try:
+        shared = reference.measure(rounds=2_000, repeat=3)
+    finally:
+        stop.set()
+        other.join()
+    assert shared > alone
