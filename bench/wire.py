@@ -50,6 +50,7 @@ MARK_SPAN = re.compile(rb"b\|\d+\|\d+\|\d+\|")
 TEXT = 0x81
 
 _u16 = struct.Struct(">H").unpack_from
+_head = struct.Struct(">BBH").unpack_from  # first byte, length byte, 16-bit length
 _u64 = struct.Struct(">Q").unpack_from
 
 #: Called with each complete text frame's payload when a client is in frame mode.
@@ -164,6 +165,24 @@ class Client(asyncio.Protocol):
         now = time.monotonic_ns()
         on_frame = self.on_frame
         pos, n, control = 0, len(data), False
+        if on_frame is None:
+            # Marks only: step over the text frames (7- or 16-bit length) nearly every
+            # read is made of in as few operations as possible; the general loop below
+            # goes on from the first other frame or the last incomplete one.
+            while True:
+                end = pos + 4
+                if end > n:
+                    break
+                first, length, extended = _head(data, pos)
+                if length == 126:
+                    end += extended
+                elif length < 126:
+                    end += length - 2
+                else:
+                    break
+                if end > n or first != TEXT:
+                    break
+                pos = end
         # Split off complete frames: 2-byte header, 16- or 64-bit extended length.
         needed = 2  # bytes from pos that the next frame takes, as far as is known
         while n - pos >= 2:
