@@ -200,18 +200,25 @@ class Worker:
             await asyncio.sleep(0.005)
         return {"sent": {s: (before[s], self.sent[s]) for s in senders}, "total": total}
 
-    async def op_drain(
-        self, expected: dict[int, tuple[int, int]], wait: float = 10.0
-    ) -> dict[str, Any]:
-        """Wait until every receiver here has, from each sender, the messages numbered
-        ``expected[sender]`` = [first, end) (sent in the last ``op_send``)."""
+    async def op_drain(self, expected: dict[int, tuple[int, int]], wait: float = 10.0) -> int:
+        """Wait until the receivers here have received as many marks as every one of them
+        gets from the messages numbered ``expected[sender]`` = [first, end) (sent in the
+        last ``op_send``), or ``wait`` seconds; return how many arrived. What they were is
+        for ``op_tally``: the caller stops its CPU window in between."""
         want = sum(end - first for first, end in expected.values()) * len(self.clients)
         deadline = time.monotonic() + wait
         # Polling, not an Event: the receive path stays free of any per-frame signalling.
-        while self._unique(expected) < want and time.monotonic() < deadline:  # noqa: ASYNC110
+        while self.stats.received < want and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
-        unique = self._unique(expected)
+        return self.stats.received
+
+    async def op_tally(self, expected: dict[int, tuple[int, int]]) -> dict[str, Any]:
+        """Account for the marks received since the last ``op_send`` (``Stats.tally``):
+        latencies, and per receiver and sender what is missing, doubled or out of order."""
         stats = self.stats
+        stats.tally()
+        unique = self._unique(expected)
+        want = sum(end - first for first, end in expected.values()) * len(self.clients)
         return {
             "receivers": len(self.clients),
             "received": stats.received,

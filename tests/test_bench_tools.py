@@ -6,6 +6,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from bench import procstat, reference, sendpath, storage
 
 
@@ -71,3 +73,14 @@ def test_the_reference_round_is_timed_and_slower_when_the_core_is_shared() -> No
         stop.set()
         other.join()
     assert shared > alone
+
+
+def test_the_throughput_workloads_use_at_most_one_generator_process_per_core(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bench import __main__ as cli
+
+    monkeypatch.setattr(cli, "generator_cpus", lambda: [1])
+    assert cli.throughput_workers(2) == 1
+    monkeypatch.setattr(cli, "generator_cpus", lambda: [1, 2, 3])
+    assert (cli.throughput_workers(2), cli.throughput_workers(5)) == (2, 3)

@@ -65,6 +65,7 @@ async def test_marks_counted_once_however_the_stream_is_cut(chunk: int) -> None:
         client.data_received(data[start : start + chunk])
     await asyncio.wait_for(client.opened, 1)
     assert stats.received == marks
+    stats.tally()
     assert (stats.duplicated, stats.gaps) == (0, 0)
     assert client.last == [3, 3, 3]
     assert len(stats.latencies) == marks
@@ -80,4 +81,65 @@ async def test_a_gap_and_a_duplicate_are_seen() -> None:
     client.data_received(handshake[: handshake.index(b"\r\n\r\n") + 4])
     for seq in (0, 1, 3, 3):
         client.data_received(server_frame(Opcode.TEXT, f"b|0|{seq}|1|".encode()))
+    stats.tally()
     assert (stats.received, stats.gaps, stats.duplicated) == (4, 1, 1)
+
+
+def opened_client(stats: Stats, senders: int) -> Client:
+    client = Client("ws://127.0.0.1:9", stats, senders=senders, on_frame=None)
+    client.connection_made(Transport())
+    handshake, _ = stream(client)
+    client.data_received(handshake[: handshake.index(b"\r\n\r\n") + 4])
+    return client
+
+
+def marked(*marks: tuple[int, int, int]) -> bytes:
+    """One read: a chat ``msg`` frame per mark (sender, seq, t_ns), then an ack."""
+    data = b""
+    for sender, seq, stamp in marks:
+        body = f"b|{sender}|{seq}|{stamp}|".encode() + b"x" * 180
+        data += server_frame(Opcode.TEXT, b'{"type":"msg","id":1,"body":"' + body + b'"}')
+    return data + server_frame(Opcode.TEXT, b'{"type":"ack","cid":"c1","id":1}')
+
+
+async def test_marks_are_counted_on_receipt_and_timed_by_their_read_at_the_tally(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stats = Stats()
+    client = opened_client(stats, senders=2)
+    clock = iter([5_000, 9_000])
+    monkeypatch.setattr("bench.wire.time.monotonic_ns", lambda: next(clock))
+    client.data_received(marked((0, 0, 1_000), (1, 0, 2_000)))
+    client.data_received(marked((0, 1, 3_000)))
+    # Counted as they arrive (the drain waits on this); nothing parsed yet.
+    assert stats.received == 3
+    assert (len(stats.latencies), client.last) == (0, [-1, -1])
+    stats.tally()
+    # Each mark's latency is against the receive time of the read it came in.
+    assert list(stats.latencies) == [4_000, 3_000, 6_000]
+    assert client.last == [1, 0]
+    assert (stats.duplicated, stats.gaps) == (0, 0)
+    stats.tally()  # what was accounted for is not held any more
+    assert len(stats.latencies) == 3
+
+
+async def test_the_tally_checks_each_senders_order_across_reads_and_clients() -> None:
+    stats = Stats()
+    one, two = opened_client(stats, senders=1), opened_client(stats, senders=1)
+    one.data_received(marked((0, 0, 1), (0, 2, 1)))  # 1 missing here ...
+    two.data_received(marked((0, 0, 1), (0, 1, 1)))  # ... not for the other client
+    one.data_received(marked((0, 1, 1)))  # late: after 2, so counted as a duplicate
+    two.data_received(marked((0, 2, 1)))
+    stats.tally()
+    assert stats.received == 6
+    assert (stats.gaps, stats.duplicated) == (1, 1)
+    assert (one.last, two.last) == ([2], [2])
+
+
+async def test_a_reset_drops_what_is_held() -> None:
+    stats = Stats()
+    client = opened_client(stats, senders=1)
+    client.data_received(marked((0, 0, 1)))
+    stats.reset()
+    stats.tally()
+    assert (stats.received, len(stats.latencies), client.last) == (0, 0, [-1])
