@@ -519,7 +519,9 @@ class Session:
                 ErrorCode.NICK_IN_USE, f"{claim.nick} is connected elsewhere; nothing was changed"
             )
         self.nick, self.nick_key, self.since = claim.nick, key, claim.since
-        previous = self._replace(holder) + elsewhere
+        # Once each: a replaced session on this replica is in both (the database lists
+        # every other session of the nick), and a room left twice would say so twice.
+        previous = list(dict.fromkeys(self._replace(holder) + elsewhere))
         self.link.close_after(None)
         self.hold = Hold()
         hub.add(self)
