@@ -354,6 +354,64 @@ async def test_sends_are_answered_unavailable_on_time_while_postgres_is_paused(
     ]
 
 
+async def test_every_request_is_answered_unavailable_on_time_while_postgres_is_paused(
+    private_postgres: Postgres, replicas: Replicas
+) -> None:
+    """Not only a write waits for a paused PostgreSQL: a session's first send reads the
+    shared quotas' balances, a direct message to an offline nick reads the nick, a join
+    charges the catch-up and records the room. Each read's cancellation waits for a
+    server that never confirms it, once in the query and again when the connection goes
+    back to the pool: the first send was answered after 40 s, after the pause. Every
+    request is answered on time, sends within 11 s; and resent after, stored once."""
+    url = await fresh_database(private_postgres)
+    (a,) = replicas(url, 1)
+    async with peer(a.url, "carol"):
+        pass  # registered, then offline
+    async with (
+        peer(a.url, "alice") as alice,
+        peer(a.url, "dave") as dave,
+        peer(a.url, "bob") as bob,
+        peer(a.url, "erin") as erin,
+    ):
+        await asyncio.to_thread(private_postgres.pause)
+        try:
+            started = time.monotonic()
+            # The first send of each: nothing of theirs was read or charged before.
+            await alice.send({"type": "send", "cid": "room", "room": "lobby", "body": "x"})
+            await dave.send({"type": "send", "cid": "dm", "to": "carol", "body": "y"})
+            await bob.send({"type": "join", "room": "new", "ref": "j"})
+            await erin.send({"type": "history", "room": "lobby", "ref": "h"})
+
+            async def answer(p: Peer, **fields: str) -> tuple[object, float]:
+                frame = await p.expect("error", timeout=20, **fields)
+                return frame["code"], round(time.monotonic() - started, 1)
+
+            seen = await asyncio.gather(
+                answer(alice, cid="room"),
+                answer(dave, cid="dm"),
+                answer(bob, ref="j"),
+                answer(erin, ref="h"),
+            )
+        finally:
+            await asyncio.to_thread(private_postgres.unpause)
+        assert [code for code, _ in seen] == ["unavailable"] * 4, seen
+        (_, room_after), (_, dm_after), (_, join_after), (_, history_after) = seen
+        assert room_after <= 11.5 and dm_after <= 11.5, seen
+        assert join_after <= 13 and history_after <= 13, seen
+        for p, cid, target in ((alice, "room", {"room": "lobby"}), (dave, "dm", {"to": "carol"})):
+            async with asyncio.timeout(30):
+                while True:  # the pool may need a moment to be writable again
+                    await p.send({"type": "send", "cid": cid, "body": cid, **target})
+                    frame = await p.recv()
+                    while frame["type"] not in ("ack", "error"):
+                        frame = await p.recv()
+                    if frame["type"] == "ack":
+                        break
+                    await asyncio.sleep(0.5)
+    rows = await query(url, "SELECT cid, count(*) FROM messages GROUP BY cid ORDER BY cid")
+    assert [(r[0], r[1]) for r in rows] == [("dm", 1), ("room", 1)]
+
+
 async def test_a_hello_the_database_cannot_answer_is_closed_1011_not_blamed_on_the_client(
     private_postgres: Postgres, replicas: Replicas
 ) -> None:
