@@ -603,6 +603,52 @@ class FreezableRelay:
         await asyncio.Event().wait()  # keep both sockets open: silence, not a close
 
 
+async def test_sessions_postgresql_ended_are_answered_unavailable_never_internal(
+    postgres: Postgres, pg_url: str, replicas: Replicas
+) -> None:
+    """PostgreSQL ending its sessions (a restart, an administrator) sends each an
+    unsolicited FATAL, then closes it. asyncpg takes the FATAL on an idle pooled
+    connection for a protocol error, and until the close reaches it the pool hands the
+    connection out and every query on it fails with InternalClientError ("cannot switch
+    to state 12; another operation (2) is in progress"): sends were answered
+    ``internal``. On a restart that lasts a moment; through this relay, which passes
+    the FATAL on and keeps the client's side open, it lasts: every pooled connection
+    of the replica is in that state when the sends come. They are answered
+    ``unavailable`` (nothing was stored), and resent, acked and stored once."""
+    relay = FreezableRelay(postgres.port)  # never frozen: it only keeps closes from passing
+    port = await relay.start()
+    # Started from a thread: the relay runs on this loop.
+    relayed = pg_url.replace(f":{postgres.port}/", f":{port}/")
+    (proc,) = await asyncio.to_thread(replicas, relayed, 1)
+    async with peer(proc.url, "alice") as alice:
+        await alice.say("before", cid="before")
+        ended = await query(
+            pg_url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name LIKE 'chat-server%'",
+        )
+        assert ended, "no session of the replica to end"
+        await asyncio.sleep(0.5)  # the FATALs have arrived
+        codes = []
+        for n in range(6):
+            cid = f"after{n}"
+            async with asyncio.timeout(30):
+                while True:
+                    await alice.send({"type": "send", "cid": cid, "room": "lobby", "body": cid})
+                    frame = await alice.recv()
+                    while frame["type"] not in ("ack", "error") or frame.get("cid") != cid:
+                        frame = await alice.recv()
+                    codes.append(frame.get("code", "ack"))
+                    if frame["type"] == "ack":
+                        break
+                    await asyncio.sleep(0.2)
+        assert "internal" not in codes, codes
+        assert set(codes) <= {"ack", "unavailable"}, codes
+    rows = await query(pg_url, "SELECT cid, count(*) FROM messages GROUP BY cid ORDER BY cid")
+    assert [(r[0], r[1]) for r in rows] == [(f"after{n}", 1) for n in range(6)] + [("before", 1)]
+    assert not [line for line in proc.log if "Traceback" in line], "".join(proc.log[-40:])
+
+
 async def test_a_session_cut_off_mid_transaction_does_not_block_the_others(
     postgres: Postgres, pg_url: str, replicas: Replicas
 ) -> None:

@@ -410,7 +410,8 @@ class Subscription:
                 replica,
                 timeout=self._timeout,
             )
-        except DB_ERRORS as exc:
+        except (*DB_ERRORS, asyncpg.InternalClientError) as exc:
+            # InternalClientError: PostgreSQL ended the session (see PostgresStore._attempt).
             self.fail()
             raise StoreUnavailable(_describe(exc)) from exc
         return bool(value)
