@@ -84,6 +84,9 @@ DB_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
+#: ... and, on a connection of its own, when PostgreSQL ended the session (see
+#: ``PostgresStore._attempt``).
+LOST_ERRORS: tuple[type[BaseException], ...] = (*DB_ERRORS, asyncpg.InternalClientError)
 
 #: Settings for every session of a replica. A replica cut off from the network in the
 #: middle of a statement (its Sync never arrives) would otherwise keep its transaction,
@@ -410,8 +413,7 @@ class Subscription:
                 replica,
                 timeout=self._timeout,
             )
-        except (*DB_ERRORS, asyncpg.InternalClientError) as exc:
-            # InternalClientError: PostgreSQL ended the session (see PostgresStore._attempt).
+        except LOST_ERRORS as exc:
             self.fail()
             raise StoreUnavailable(_describe(exc)) from exc
         return bool(value)
