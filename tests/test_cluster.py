@@ -255,6 +255,50 @@ async def test_postgres_restart_unavailable_then_recovers(
         assert seen == [back["id"]]
 
 
+async def test_postgres_restart_under_sends_answers_unavailable_never_internal(
+    private_postgres: Postgres, replicas: Replicas
+) -> None:
+    """The restart itself (``docker restart``), under sends from several clients: every
+    send is acked or answered ``unavailable``, never ``internal``; resent until acked,
+    each is stored exactly once, and nothing acked is missing. Whether a pooled
+    connection is caught between the FATAL and the close is a matter of timing here
+    (an outside test saw it in one restart of two);
+    ``test_sessions_postgresql_ended_are_answered_unavailable_never_internal`` makes it
+    certain."""
+    url = await fresh_database(private_postgres)
+    (a,) = replicas(url, 1, "--address-rate", "100000", "--address-burst", "100000")
+    acked: dict[str, int] = {}
+    codes: list[str] = []
+    stop = time.monotonic() + 8
+
+    async def sender(name: str) -> None:
+        async with peer(a.url, name) as p:
+            n = 0
+            while time.monotonic() < stop:
+                cid = f"{name}-{n}"
+                n += 1
+                async with asyncio.timeout(40):
+                    while cid not in acked:
+                        await p.send({"type": "send", "cid": cid, "room": "lobby", "body": cid})
+                        frame = await p.recv(30)
+                        while frame["type"] not in ("ack", "error") or frame.get("cid") != cid:
+                            frame = await p.recv(30)
+                        if frame["type"] == "ack":
+                            acked[cid] = int(frame["id"])
+                        else:
+                            codes.append(f"{frame['code']}: {frame['message']}")
+                            await asyncio.sleep(0.2)
+
+    senders = asyncio.gather(*(sender(f"s{k}") for k in range(4)))
+    await asyncio.sleep(1.5)
+    await asyncio.to_thread(private_postgres.restart)
+    await senders
+    assert {code.split(":")[0] for code in codes} <= {"unavailable"}, codes
+    rows = await query(url, "SELECT cid, id FROM messages")
+    assert sorted((str(r[0]), int(r[1])) for r in rows) == sorted(acked.items())
+    assert not _failures(a), "".join(a.log[-40:])
+
+
 async def test_sigterm_with_postgres_paused_exits_0_within_3s(
     private_postgres: Postgres, replicas: Replicas
 ) -> None:
@@ -578,6 +622,11 @@ async def test_takeover_false_is_refused_when_the_nick_is_live_on_another_replic
         assert (await other.expect("welcome"))["nick"] == "bob"
 
 
+def _failures(proc: ServerProcess) -> list[str]:
+    """The errors a replica logged, but for the database being unavailable (expected)."""
+    return [line for line in proc.log if " ERROR " in line and "database unavailable" not in line]
+
+
 class FreezableRelay:
     """A TCP relay to PostgreSQL that can go silent, as a cut network does (no FIN, no RST)."""
 
@@ -646,7 +695,7 @@ async def test_sessions_postgresql_ended_are_answered_unavailable_never_internal
         assert set(codes) <= {"ack", "unavailable"}, codes
     rows = await query(pg_url, "SELECT cid, count(*) FROM messages GROUP BY cid ORDER BY cid")
     assert [(r[0], r[1]) for r in rows] == [(f"after{n}", 1) for n in range(6)] + [("before", 1)]
-    assert not [line for line in proc.log if "Traceback" in line], "".join(proc.log[-40:])
+    assert not _failures(proc), "".join(proc.log[-40:])
 
 
 async def test_a_session_cut_off_mid_transaction_does_not_block_the_others(
