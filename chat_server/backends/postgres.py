@@ -61,8 +61,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: How long past its query timeout a batch write may go unanswered before its senders
-#: are told ``unavailable`` (a cancelled query waits for a server that may never answer).
+#: How long past its query timeout a database call may go unanswered before its caller
+#: (a batch write's senders) is told ``unavailable`` (a cancelled query waits for a
+#: server that may never answer).
 WRITE_GRACE = 1.0
 
 T = TypeVar("T")
@@ -604,9 +605,10 @@ class PostgresStore:
         administrator) while the connection sat idle in the pool, asyncpg took the
         unsolicited ``FATAL`` for a protocol error and put the connection in its error
         state, and the pool handed it out before the close that follows reached it. No
-        operation can run on it and nothing of this one reached the server: the
-        connection is dropped and the caller is told ``unavailable``, the answer to a
-        lost database, never ``internal``.
+        statement can run on it: the connection is dropped, and the operation ends as
+        one whose connection broke, ``unavailable`` (the answer to a lost database, never
+        ``internal``; a send resent by cid is answered with the original if an earlier
+        statement of it was committed).
         """
         try:
             async with self._pool.acquire(timeout=self._timeout) as db:
