@@ -845,6 +845,15 @@ class PostgresStore:
             # The outcome of a batch whose connection broke is unknown; a resend of the
             # same cid is safe either way (stored at most once, answered with the original).
             self._notify_failed(drafts, exc)
+            if isinstance(exc.__cause__, TimeoutError):
+                # PostgreSQL did not answer in time: what queued meanwhile would wait as
+                # long again, past its deadline. Refused at once, as in _unanswered.
+                while not self._queue.empty():
+                    item = self._queue.get_nowait()
+                    if item is None:
+                        self._queue.put_nowait(None)
+                        break
+                    self._notify_failed([item], exc)
             return
         stored: dict[tuple[str, str], StoredMessage] = {}
         fresh_keys: set[tuple[str, str]] = set()
