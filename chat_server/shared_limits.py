@@ -18,7 +18,9 @@ its allowance once per replica. Here:
   refused here too until it has refilled. The first time a replica sees a key, its
   local bucket starts from the shared balance (one round trip), so a reconnect to
   another replica starts where the last one left off. Across replicas a nick or an
-  address can thus overshoot by what it sends within one flush interval, no more.
+  address can thus overshoot by what it sends within one flush interval, no more
+  (or, when that first read takes longer than :attr:`SharedQuotas.SEED_WAIT`, by what
+  it sends until the read answers: then the balance is adopted).
 * ``ADDRESS_HTTP`` stays per replica: it is the flood guard, and a flood must not turn
   into database writes.
 * Open connections per address are counted by each replica's connection layer
@@ -29,21 +31,29 @@ its allowance once per replica. Here:
   accepted meanwhile. A dead replica's counts go with it.
 
 When the database is unreachable, the local buckets still hold (and writes fail
-anyway).
+anyway). A request never waits long for the database's part of a quota: a send is
+answered ``unavailable`` within the writer's deadline (docs/cluster.md), and a quota read
+that waited for a database that answers nothing (paused, cut off) would spend that time
+first. So a seed is waited for :attr:`SharedQuotas.SEED_WAIT` at most, a charge
+:attr:`SharedQuotas.CHARGE_WAIT`, and neither while the store knows the database
+unavailable; what the database answers later still counts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
+from typing import Any, TypeVar
 
 from chat_server.backends.base import StoreFailed, StoreUnavailable
 from chat_server.backends.postgres import PostgresStore
 from chat_server.ratelimit import Limit, Quotas, Rule
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class SharedQuotas(Quotas):
@@ -57,6 +67,10 @@ class SharedQuotas(Quotas):
     SYNC_EVERY = 1.0
     #: Seconds between clean-ups of full buckets in the database.
     FORGET_EVERY = 60.0
+    #: Seconds a request waits for a key's shared balance (a read by primary key), and
+    #: for a charge to the database (an upsert), before its local bucket decides alone.
+    SEED_WAIT = 0.1
+    CHARGE_WAIT = 1.0
 
     def __init__(
         self,
@@ -80,6 +94,9 @@ class SharedQuotas(Quotas):
         self._pending: dict[tuple[Limit, str], float] = {}
         self._flush: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
+        #: Shared balances being read, per bucket; those read past SEED_WAIT.
+        self._seeds: dict[tuple[Limit, str], asyncio.Task[None]] = {}
+        self._late_seeds: set[asyncio.Task[None]] = set()
 
     # --- buckets -------------------------------------------------------------------------
 
@@ -98,15 +115,15 @@ class SharedQuotas(Quotas):
                     self.FLUSH_EVERY, self._start_flush
                 )
             return 0.0
-        try:
-            wait = await self.store.take_tokens(
-                limit.name, key, min(cost, rule.burst), rule.rate, rule.burst
-            )
-        except (StoreUnavailable, StoreFailed):
-            return 0.0  # the local bucket held; the database is the store's problem
-        if wait:
-            await super().give_back(limit, key, cost)
-        return wait
+        charge = partial(
+            self.store.take_tokens, limit.name, key, min(cost, rule.burst), rule.rate, rule.burst
+        )
+        # None: the local bucket held; the database is the store's problem.
+        shared = await self._within(charge, self.CHARGE_WAIT)
+        if not shared:
+            return 0.0
+        await super().give_back(limit, key, cost)
+        return shared
 
     async def give_back(self, limit: Limit, key: str, cost: float = 1.0) -> None:
         await super().give_back(limit, key, cost)
@@ -117,19 +134,53 @@ class SharedQuotas(Quotas):
         if pending is not None:  # not charged yet: charge less
             self._pending[(limit, key)] = max(0.0, pending - cost)
             return
-        with contextlib.suppress(StoreUnavailable, StoreFailed):
-            await self.store.give_tokens(limit.name, key, min(cost, rule.burst))
+        give = partial(self.store.give_tokens, limit.name, key, min(cost, rule.burst))
+        await self._within(give, 0)
+
+    async def _within(self, operation: Callable[[], Awaitable[T]], wait: float) -> T | None:
+        """``operation()``'s result; None if the database failed, is known unavailable, or
+        did not answer within ``wait`` seconds (it goes on alone: a late charge counts)."""
+        if not self.store.writable:
+            return None
+        task = asyncio.ensure_future(operation())
+        task.add_done_callback(_retrieved)
+        if wait > 0:
+            await asyncio.wait({task}, timeout=wait)
+        if not task.done() or task.cancelled() or task.exception() is not None:
+            return None
+        return task.result()
 
     async def _seed(self, limit: Limit, key: str) -> None:
-        """A key new to this replica: start its local bucket from the shared balance."""
-        if (limit, key) in self._buckets:
+        """A key new to this replica: start its local bucket from the shared balance.
+
+        Waited for ``SEED_WAIT`` at most, and not at all while another read is late (the
+        database is slow or gone: a send must not spend its deadline here, twice).
+        """
+        bucket = (limit, key)
+        if bucket in self._buckets or not self.store.writable:
             return
+        read = self._seeds.get(bucket)
+        if read is None:
+            read = self._seeds[bucket] = asyncio.create_task(self._read_seed(limit, key))
+        if not self._late_seeds:
+            await asyncio.wait({read}, timeout=self.SEED_WAIT)
+        if not read.done():
+            self._late_seeds.add(read)
+
+    async def _read_seed(self, limit: Limit, key: str) -> None:
+        bucket = (limit, key)
         try:
             tokens = await self.store.tokens(limit.name, key)
         except (StoreUnavailable, StoreFailed):
             return
-        if tokens is not None and (limit, key) not in self._buckets:
-            self._buckets[(limit, key)] = (tokens, self._clock())
+        finally:
+            self._late_seeds.discard(self._seeds.pop(bucket))
+        if tokens is None:
+            return
+        now = self._clock()
+        if bucket in self._buckets:  # granted from a full local bucket while it was late
+            tokens = min(tokens, self._tokens(limit, key, self.rules[limit], now))
+        self._buckets[bucket] = (tokens, now)
 
     def _start_flush(self) -> None:
         self._flush = None
@@ -197,3 +248,9 @@ class SharedQuotas(Quotas):
                     await self.store.forget_full_buckets()
                 except (StoreUnavailable, StoreFailed) as exc:
                     log.warning("could not forget full quota buckets: %s", exc)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Mark a finished task's failure as seen (its caller may have stopped waiting)."""
+    if not task.cancelled():
+        task.exception()

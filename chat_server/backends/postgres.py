@@ -61,8 +61,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: How long past its query timeout a batch write may go unanswered before its senders
-#: are told ``unavailable`` (a cancelled query waits for a server that may never answer).
+#: How long past its query timeout a database call may go unanswered before its caller
+#: (a batch write's senders) is told ``unavailable`` (a cancelled query waits for a
+#: server that may never answer).
 WRITE_GRACE = 1.0
 
 T = TypeVar("T")
@@ -84,6 +85,9 @@ DB_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
+#: ... and, on a connection of its own, when PostgreSQL ended the session (see
+#: ``PostgresStore._attempt``).
+LOST_ERRORS: tuple[type[BaseException], ...] = (*DB_ERRORS, asyncpg.InternalClientError)
 
 #: Settings for every session of a replica. A replica cut off from the network in the
 #: middle of a statement (its Sync never arrives) would otherwise keep its transaction,
@@ -410,7 +414,7 @@ class Subscription:
                 replica,
                 timeout=self._timeout,
             )
-        except DB_ERRORS as exc:
+        except LOST_ERRORS as exc:
             self.fail()
             raise StoreUnavailable(_describe(exc)) from exc
         return bool(value)
@@ -456,6 +460,8 @@ class PostgresStore:
         self.batched = 0
         self.writable = True
         self.last_error: str | None = None
+        #: Operations given up on, still running (see :meth:`_run`).
+        self._abandoned: set[asyncio.Future[Any]] = set()
 
     @classmethod
     async def open(
@@ -554,15 +560,68 @@ class PostgresStore:
     # --- plumbing ------------------------------------------------------------------
 
     async def _run(self, work: Callable[[Db], Awaitable[T]]) -> T:
-        """Run ``work`` on a pooled connection.
+        """Run ``work`` on a pooled connection, answered within the query timeout and
+        ``WRITE_GRACE`` whatever PostgreSQL does.
+
+        Past its timeout a query is cancelled, and asyncpg then waits for the server to
+        confirm the cancellation, first in the query, then again when the connection goes
+        back to the pool: a paused or cut-off server never confirms, and a request would
+        wait twice the timeout for each query it makes. So the caller waits for the
+        deadline only; an attempt still running then (or when the caller is cancelled)
+        is left to end by itself (asyncpg's own timeouts end it and drop its connection).
+        """
+        attempt = asyncio.ensure_future(self._attempt(work))
+        try:
+            await asyncio.wait({attempt}, timeout=self._timeout + WRITE_GRACE)
+        except asyncio.CancelledError:
+            self._abandon(attempt)
+            raise
+        if not attempt.done():
+            self._abandon(attempt)
+            error = f"PostgreSQL did not answer within {self._timeout + WRITE_GRACE:g} s"
+            self._set_writable(False, error)
+            raise StoreUnavailable(error)
+        return attempt.result()
+
+    def _abandon(self, attempt: asyncio.Future[Any]) -> None:
+        """Cancel an attempt nobody waits for any more, and keep it until it has ended."""
+        attempt.cancel()
+        self._abandoned.add(attempt)
+        attempt.add_done_callback(self._forget_abandoned)
+
+    def _forget_abandoned(self, attempt: asyncio.Future[Any]) -> None:
+        self._abandoned.discard(attempt)
+        if not attempt.cancelled():
+            attempt.exception()  # retrieved: its caller was answered already
+
+    async def _attempt(self, work: Callable[[Db], Awaitable[T]]) -> T:
+        """Run ``work`` on a pooled connection, however long asyncpg takes.
 
         The database refusing becomes StoreUnavailable; anything else (a bug) is logged
         with its traceback and becomes StoreFailed. Neither stops anything else.
+
+        A connection whose client-side protocol state is broken raises asyncpg's
+        ``InternalClientError``: PostgreSQL ended the session (a restart, an
+        administrator) while the connection sat idle in the pool, asyncpg took the
+        unsolicited ``FATAL`` for a protocol error and put the connection in its error
+        state, and the pool handed it out before the close that follows reached it. No
+        statement can run on it: the connection is dropped, and the operation ends as
+        one whose connection broke, ``unavailable`` (the answer to a lost database, never
+        ``internal``; a send resent by cid is answered with the original if an earlier
+        statement of it was committed).
         """
         try:
             async with self._pool.acquire(timeout=self._timeout) as db:
-                value = await work(db)
+                try:
+                    value = await work(db)
+                except asyncpg.InternalClientError:
+                    db.terminate()
+                    raise
         except DB_ERRORS as exc:
+            self._set_writable(False, _describe(exc))
+            raise StoreUnavailable(_describe(exc)) from exc
+        except asyncpg.InternalClientError as exc:
+            log.warning("a PostgreSQL connection was unusable, dropped it: %s", exc)
             self._set_writable(False, _describe(exc))
             raise StoreUnavailable(_describe(exc)) from exc
         except (StoreUnavailable, StoreFailed, asyncio.CancelledError):
@@ -773,7 +832,7 @@ class PostgresStore:
             return int(row[0]), int(row[1]), ids, existing
 
         started = time.perf_counter()
-        work = asyncio.ensure_future(self._run(append))
+        work = asyncio.ensure_future(self._attempt(append))
         # Past its own timeout a query is cancelled, and asyncpg waits for the server to
         # confirm: a paused or cut-off server never does. The senders are not kept waiting.
         await asyncio.wait({work}, timeout=self._timeout + WRITE_GRACE)
@@ -786,6 +845,15 @@ class PostgresStore:
             # The outcome of a batch whose connection broke is unknown; a resend of the
             # same cid is safe either way (stored at most once, answered with the original).
             self._notify_failed(drafts, exc)
+            if isinstance(exc.__cause__, TimeoutError):
+                # PostgreSQL did not answer in time: what queued meanwhile would wait as
+                # long again, past its deadline. Refused at once, as in _unanswered.
+                while not self._queue.empty():
+                    item = self._queue.get_nowait()
+                    if item is None:
+                        self._queue.put_nowait(None)
+                        break
+                    self._notify_failed([item], exc)
             return
         stored: dict[tuple[str, str], StoredMessage] = {}
         fresh_keys: set[tuple[str, str]] = set()
