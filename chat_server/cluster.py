@@ -118,10 +118,6 @@ class PresenceView:
         live = self._sessions.get(session)
         return set(live.rooms) if live is not None else set()
 
-    def has(self, room: str, nick_key: str) -> bool:
-        """Whether the nick is in the room on any replica, this one included."""
-        return self._has(room, nick_key)
-
     def sessions_of(self, replica: str) -> list[str]:
         return [s for s, live in self._sessions.items() if live.replica == replica]
 
@@ -145,7 +141,8 @@ class PresenceView:
                 del self._elsewhere[live.nick_key]
         return live
 
-    def _has(self, room: str, nick_key: str) -> bool:
+    def has(self, room: str, nick_key: str) -> bool:
+        """Whether the nick is in the room on any replica, this one included."""
         nicks = self._nicks.get(room)
         return nicks is not None and nicks[nick_key] > 0
 
@@ -174,7 +171,7 @@ class PresenceView:
         def touch(room: str, live: _Live) -> None:
             key = (room, live.nick_key)
             if key not in before:
-                before[key] = (live.nick, self._has(room, live.nick_key))
+                before[key] = (live.nick, self.has(room, live.nick_key))
 
         def remove(session: str) -> None:
             live = self._pop(session)
@@ -224,7 +221,7 @@ class PresenceView:
             for session in self.sessions_of(event.replica):
                 remove(session)
         for (room, nick_key), (nick, was) in before.items():
-            now = self._has(room, nick_key)
+            now = self.has(room, nick_key)
             if was != now:
                 changes.append((room, "join" if now else "leave", nick, None))
         return changes

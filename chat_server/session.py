@@ -181,9 +181,14 @@ class Session:
         # The connection layer's sweep enforces it: no timer per connection.
         self.link.close_after(self.ctx.config.hello_timeout, CloseCode.POLICY, "no hello in time")
 
+    @property
+    def flooding(self) -> bool:
+        """Refused frames in a row reached the limit: the connection is closing (1008)."""
+        return self.strikes >= self.ctx.config.flood_strikes
+
     def received(self, data: str | bytes) -> None:
         """One frame from the client: answer it at once or queue it for the worker."""
-        if self.gone or self.strikes >= self.ctx.config.flood_strikes:
+        if self.gone or self.flooding:
             return  # gone, or flooding: closing once what came before is answered
         slot = Slot(self)
         replies = self.replies
@@ -265,7 +270,7 @@ class Session:
         wait = self.bucket.take()
         if wait:
             self.strikes += 1
-            if self.strikes >= self.ctx.config.flood_strikes:
+            if self.flooding:
                 # Every frame read so far is answered (this one too), then the close.
                 self.link.pause_reading()
                 self.link.spawn(self._close_when_answered())
@@ -315,7 +320,7 @@ class Session:
         else:
             self.replies = None
             self._all_answered()
-        if len(replies) <= BACKLOG_LOW and self.strikes < self.ctx.config.flood_strikes:
+        if len(replies) <= BACKLOG_LOW and not self.flooding:
             self.link.resume_reading()
         return data
 
