@@ -7,7 +7,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +151,22 @@ async def peer(
             p.welcome = await p.expect("welcome")
             p.catchup = await p.until("synced")
         yield p
+
+
+@dataclass(eq=False)
+class FakeMember:
+    """A hub member without a real connection (the hub's and the cluster's unit tests): it
+    remembers every close it was asked for, (code, reason)."""
+
+    nick: str
+    link: object = None
+    hold: object = None
+    rooms: list[str] = field(default_factory=list)
+    kicked: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def nick_key(self) -> str:
+        return self.nick.lower()
+
+    def kick(self, code: int, reason: str) -> None:
+        self.kicked.append((code, reason))

@@ -12,22 +12,7 @@ from hypothesis import strategies as st
 from chat_server.config import parse_config
 from chat_server.connections import frame_text
 from chat_server.fanout import Hold, Hub
-
-
-@dataclass(eq=False)
-class FakeMember:
-    nick: str
-    link: object = None
-    hold: object = None
-    rooms: list[str] = field(default_factory=list)
-
-    @property
-    def nick_key(self) -> str:
-        return self.nick.lower()
-
-    def kick(self, code: int, reason: str) -> None:
-        pass
-
+from tests.helpers import FakeMember
 
 NICKS = st.sampled_from(["alice", "Alice", "bob", "BOB", "carol", "dave", "Eve", "eve_"])
 ROOMS = st.sampled_from(["a", "b", "c"])
@@ -126,18 +111,10 @@ class RecordingLink:
         return self.unsent + sum(map(len, self.deferred))
 
 
-@dataclass(eq=False)
-class LinkedMember(FakeMember):
-    kicked: list[tuple[int, str]] = field(default_factory=list)
-
-    def kick(self, code: int, reason: str) -> None:
-        self.kicked.append((code, reason))
-
-
 def test_a_batch_is_framed_once_and_written_once_per_recipient_in_order() -> None:
     hub = Hub(buffer_limit=1000)
-    alice, bob, slow = (LinkedMember(n, link=RecordingLink()) for n in ("alice", "bob", "slow"))
-    holding = LinkedMember("carol", link=RecordingLink(), hold=Hold())
+    alice, bob, slow = (FakeMember(n, link=RecordingLink()) for n in ("alice", "bob", "slow"))
+    holding = FakeMember("carol", link=RecordingLink(), hold=Hold())
     slow.link.unsent = 1001
     everyone = [alice, bob, holding, slow]
     hub.publish_many(
@@ -159,7 +136,7 @@ def test_a_batch_is_framed_once_and_written_once_per_recipient_in_order() -> Non
 async def test_within_the_delivery_window_batches_wait_and_share_one_write() -> None:
     window = 0.05
     hub = Hub(buffer_limit=1000, window=window)
-    alice, bob, slow = (LinkedMember(n, link=RecordingLink()) for n in ("alice", "bob", "slow"))
+    alice, bob, slow = (FakeMember(n, link=RecordingLink()) for n in ("alice", "bob", "slow"))
     room = [alice, bob, slow]
     one, two, three, ack = (frame_text(b'"%s"' % w) for w in (b"one", b"two", b"three", b"ack"))
     slow.link.stuck, slow.link.unsent = True, 1000 - len(one)  # at the limit after "one"
@@ -187,7 +164,7 @@ async def test_within_the_delivery_window_batches_wait_and_share_one_write() -> 
 
 def test_without_a_window_every_batch_is_written_at_once() -> None:
     hub = Hub(buffer_limit=1000, window=0.0)  # and no event loop needed
-    bob = LinkedMember("bob", link=RecordingLink())
+    bob = FakeMember("bob", link=RecordingLink())
     for data in (b'"one"', b'"two"'):
         hub.publish_many([([bob], data, None)])
     assert bob.link.writes == [[frame_text(b'"one"')], [frame_text(b'"two"')]]
